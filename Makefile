@@ -1,0 +1,30 @@
+# The two commands of the README: `make repro` runs the whole pipeline, `make test` the tests.
+# Both create .venv on first use and install the pinned versions from constraints.txt.
+PYTHON ?= python3
+VENV := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install repro test test-slow check clean-venv
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+repro: install
+	python -m flows.pipeline
+
+check: install
+	python -m stages.check
+
+test: install
+	python -m pytest -q
+
+test-slow: install
+	python -m pytest -q -m slow
+
+clean-venv:
+	rm -rf $(VENV)

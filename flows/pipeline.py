@@ -1,0 +1,111 @@
+"""Prefect flow that runs the DVC pipeline stage by stage.
+
+Each task runs `dvc repro --single-item <stage>`, so DVC still skips a stage whose inputs are
+unchanged, and streams the stage's output into the Prefect log. The flow opens the MLflow
+parent run and passes its id to every stage through `PGDPO_PARENT_RUN_ID`.
+
+Run it with `python -m flows.pipeline` (ephemeral Prefect, no server needed) or against a
+server started with `prefect server start` after `prefect config set PREFECT_API_URL=...`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+from pgdpo.config import load_params
+from pgdpo.stage import EXIT_INVALID_PARAMS
+
+STAGES = ("prompts", "base", "generate", "score", "label", "train", "evaluate")
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero; `returncode` tells whether a retry can help."""
+
+    def __init__(self, stage: str, returncode: int, tail: str):
+        super().__init__(f"stage {stage} failed with exit code {returncode}:\n{tail}")
+        self.stage = stage
+        self.returncode = returncode
+
+
+def _is_transient(task, task_run, state) -> bool:
+    """Retry unless the stage rejected its params: invalid params fail the same way every time."""
+    try:
+        state.result()
+    except StageFailed as error:
+        return error.returncode != EXIT_INVALID_PARAMS
+    except Exception:  # noqa: BLE001 - unknown errors (e.g. OSError) may be transient
+        return True
+    return False
+
+
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=_is_transient, task_run_name="dvc repro {stage}")
+def run_stage(stage: str, project_dir: str, env: dict[str, str]) -> None:
+    """Run `dvc repro --single-item <stage>` and stream its output into the Prefect log."""
+    logger = get_run_logger()
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    logger.info("running %s in %s", " ".join(command), project_dir)
+    process = subprocess.Popen(
+        command, cwd=project_dir, env={**os.environ, **env}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, bufsize=1,
+    )
+    tail: list[str] = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        line = line.rstrip()
+        # tqdm redraws with carriage returns; log only the final state of each bar line.
+        line = line.split("\r")[-1]
+        if line:
+            logger.info("%s | %s", stage, line)
+            tail = (tail + [line])[-40:]
+    returncode = process.wait()
+    if returncode != 0:
+        raise StageFailed(stage, returncode, "\n".join(tail))
+
+
+@task(retries=2, retry_delay_seconds=5)
+def open_parent_run(project_dir: str, experiment: str) -> str:
+    """Create the MLflow parent run of this pipeline run and return its id."""
+    import mlflow
+
+    from pgdpo.tracking import git_commit, tracking_uri
+
+    os.chdir(project_dir)
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment_id = mlflow.set_experiment(experiment).experiment_id
+    run = mlflow.MlflowClient().create_run(
+        experiment_id, run_name="pipeline", tags={"git.commit": git_commit() or "unknown", "pgdpo.orchestrator": "prefect"}
+    )
+    return run.info.run_id
+
+
+@task
+def close_parent_run(run_id: str, status: str) -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(run_id, status=status)
+
+
+@flow(name="pgdpo-pipeline", log_prints=False)
+def pipeline(project_dir: str = ".", stages: list[str] | None = None) -> str:
+    """Run the DVC stages in order (all by default) under one MLflow parent run; return its id."""
+    project = str(Path(project_dir).resolve())
+    experiment = load_params(Path(project) / "params.yaml").tracking.experiment
+    parent = open_parent_run(project, experiment)
+    env = {"PGDPO_PARENT_RUN_ID": parent}
+    status = "FAILED"
+    try:
+        for stage in stages or STAGES:
+            run_stage(stage, project, env)
+        status = "FINISHED"
+    finally:
+        close_parent_run(parent, status)
+    return parent
+
+
+if __name__ == "__main__":
+    pipeline()

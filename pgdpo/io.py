@@ -1,0 +1,96 @@
+"""Atomic file and folder writes, and the table and prompt-list formats the stages share."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; on success it replaces `path` in one rename.
+
+    A stage killed inside the block leaves the old `path` (or none) and a `.tmp-*` folder that
+    the next run ignores, never a half-written `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".old-{path.name}")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as sorted, indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write a table as CSV, or TSV for a `.tsv` path; fields are quoted where needed, so prompts
+    may contain commas, tabs and newlines."""
+    sep = "\t" if str(path).endswith(".tsv") else ","
+    atomic_write_text(path, table.to_csv(index=False, sep=sep, lineterminator="\n", float_format="%.6g"))
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a CSV table written by `write_table`, keeping prompts as text."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"table {path} not found; run the stage that writes it first (dvc repro)")
+    sep = "\t" if path.suffix == ".tsv" else ","
+    return pd.read_csv(path, sep=sep, keep_default_na=False, na_values=[""], dtype={"prompt": str})
+
+
+def write_prompts(path: str | os.PathLike, prompts: list[str]) -> None:
+    """Write one prompt per line (JSON strings, so prompts with newlines survive)."""
+    atomic_write_text(path, "".join(json.dumps(prompt, ensure_ascii=False) + "\n" for prompt in prompts))
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Read a prompt list: JSON-string lines as `write_prompts` writes them, or plain text lines.
+
+    Blank lines are skipped. Raises ValueError for a file with no prompts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} not found")
+    prompts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        prompts.append(json.loads(line) if line.startswith('"') else line)
+    if not prompts:
+        raise ValueError(f"prompt file {path} contains no prompts; add one prompt per line")
+    return prompts

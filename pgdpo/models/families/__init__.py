@@ -1,0 +1,1 @@
+"""Family adapters, one module each."""

@@ -1,0 +1,67 @@
+"""Adapter for `WanPipeline` (Wan 2.1 and 2.2 text-to-video, flow matching)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pgdpo.models.adapter import VideoModelAdapter, to_uint8
+
+
+class WanAdapter(VideoModelAdapter):
+    """Wan: UMT5 text encoder, causal 3D VAE with per-channel latent statistics, DiT denoiser."""
+
+    family = "wan"
+    pipeline_class = "WanPipeline"
+    # Attention projections of self- and cross-attention, the usual LoRA targets for Wan.
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.pipe.vae.config
+        shape = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean, device=like.device, dtype=like.dtype).view(shape)
+        std = torch.tensor(config.latents_std, device=like.device, dtype=like.dtype).view(shape)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_videos(self, frames: np.ndarray) -> torch.Tensor:
+        vae = self.pipe.vae
+        # (B, F, H, W, 3) uint8 -> (B, 3, F, H, W) in [-1, 1], as the VAE was trained.
+        pixels = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device, vae.dtype)
+        pixels = pixels.permute(0, 4, 1, 2, 3) / 127.5 - 1.0
+        latents = vae.encode(pixels).latent_dist.mode()
+        mean, std = self._latent_stats(latents)
+        return (latents - mean) / std
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        vae = self.pipe.vae
+        latents = latents.to(self.device, vae.dtype)
+        mean, std = self._latent_stats(latents)
+        video = vae.decode(latents * std + mean).sample
+        # (B, 3, F, H, W) in [-1, 1] -> (B, F, H, W, 3) in [0, 1].
+        video = ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
+        return to_uint8(video.float().cpu().numpy())
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        # Logit-normal noise levels, then the scheduler's shift, so training sees the noise
+        # levels that sampling visits most.
+        u = torch.sigmoid(torch.randn(batch_size, generator=generator))
+        shift = float(self.pipe.scheduler.config.get("shift", 1.0))
+        return shift * u / (1 + (shift - 1) * u)
+
+    def noisy_latents_and_target(self, latents, noise, sigmas):
+        # Rectified flow: x_t = (1 - sigma) x0 + sigma e, velocity target e - x0, and the
+        # transformer takes sigma scaled to the scheduler's 1000 training timesteps.
+        sigma = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
+        noisy = (1 - sigma) * latents + sigma * noise
+        timesteps = sigmas * self.pipe.scheduler.config.num_train_timesteps
+        return noisy, timesteps.to(latents.device), noise - latents
+
+    def predict(self, noisy, timesteps, prompt_embeds):
+        return self.denoiser(
+            hidden_states=noisy,
+            timestep=timesteps,
+            encoder_hidden_states=prompt_embeds,
+            return_dict=False,
+        )[0]

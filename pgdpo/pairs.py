@@ -1,0 +1,115 @@
+"""Build chosen/rejected pairs from scored candidates, and cache their latents for training."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from pgdpo.models.adapter import VideoModelAdapter
+from pgdpo.scoring.table import TOTAL
+from pgdpo.video import read_video
+
+logger = logging.getLogger(__name__)
+
+PAIR_COLUMNS = [
+    "pair_id", "prompt_id", "prompt", "chosen_path", "rejected_path", "chosen_seed", "rejected_seed",
+    "chosen_score", "rejected_score", "margin", "split",
+]
+
+
+@dataclass
+class PairStats:
+    """Counts of what `build_pairs` kept and dropped."""
+
+    prompts: int
+    pairs: int
+    dropped_small_margin: int
+    dropped_tied: int
+
+
+def build_pairs(
+    scores: pd.DataFrame, strategy: str, min_margin: float, num_probe_pairs: int, seed: int
+) -> tuple[pd.DataFrame, PairStats]:
+    """Turn per-clip total scores into chosen/rejected pairs.
+
+    `best_vs_worst` pairs the highest- and lowest-scoring candidates of each prompt;
+    `all_pairs` pairs every two candidates of a prompt. Pairs whose margin is below
+    `min_margin` are dropped and counted (a prompt whose candidates all tie gives no pair).
+    `num_probe_pairs` pairs, drawn with `seed`, get split "probe" and are kept out of training.
+    """
+    rows, dropped_small, dropped_tied = [], 0, 0
+    for prompt_id, group in scores.groupby("prompt_id", sort=True):
+        # Sort by score, then by candidate index so ties resolve the same way every run.
+        group = group.sort_values([TOTAL, "index"], ascending=[False, True], kind="stable")
+        records = group.to_dict("records")
+        if strategy == "best_vs_worst":
+            candidates = [(records[0], records[-1])]
+        else:
+            candidates = [(a, b) for i, a in enumerate(records) for b in records[i + 1 :]]
+        for chosen, rejected in candidates:
+            margin = chosen[TOTAL] - rejected[TOTAL]
+            if margin == 0:
+                dropped_tied += 1
+                continue
+            if margin < min_margin:
+                dropped_small += 1
+                continue
+            rows.append({
+                "prompt_id": int(prompt_id), "prompt": chosen["prompt"],
+                "chosen_path": chosen["path"], "rejected_path": rejected["path"],
+                "chosen_seed": int(chosen["seed"]), "rejected_seed": int(rejected["seed"]),
+                "chosen_score": chosen[TOTAL], "rejected_score": rejected[TOTAL], "margin": margin,
+            })
+
+    pairs = pd.DataFrame(rows, columns=[c for c in PAIR_COLUMNS if c not in ("pair_id", "split")])
+    pairs.insert(0, "pair_id", np.arange(len(pairs)))
+    if len(pairs) <= num_probe_pairs:
+        raise ValueError(
+            f"only {len(pairs)} pairs survive label.min_margin={min_margin}, but label.num_probe_pairs="
+            f"{num_probe_pairs} are held out for the probe; lower min_margin or num_probe_pairs, "
+            "or generate more candidates"
+        )
+    probe = np.random.default_rng(seed).choice(len(pairs), size=num_probe_pairs, replace=False)
+    pairs["split"] = "train"
+    pairs.loc[np.sort(probe), "split"] = "probe"
+
+    stats = PairStats(int(scores["prompt_id"].nunique()), len(pairs), dropped_small, dropped_tied)
+    logger.info(
+        "built %d pairs from %d prompts; dropped %d under min_margin and %d tied",
+        stats.pairs, stats.prompts, stats.dropped_small_margin, stats.dropped_tied,
+    )
+    return pairs, stats
+
+
+def cache_latents(
+    adapter: VideoModelAdapter, pairs: pd.DataFrame, video_root: Path, out_file: Path, batch_size: int = 16
+) -> None:
+    """Encode every paired clip and the prompts once, and save them as safetensors.
+
+    Keys: `chosen` and `rejected` latents (N, C, F, H, W), `prompt_embeds` (N, L, D), row i
+    belonging to pair_id i, so training never decodes or re-encodes a video.
+    """
+    tensors: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "prompt_embeds": []}
+    spec = adapter.spec
+    expected = (spec.num_frames, spec.height, spec.width)
+    for start in tqdm(range(0, len(pairs), batch_size), desc="label: encode latents", unit="batch"):
+        batch = pairs.iloc[start : start + batch_size]
+        for role in ("chosen", "rejected"):
+            frames = np.stack([read_video(Path(video_root) / p, expected_shape=expected) for p in batch[f"{role}_path"]])
+            tensors[role].append(adapter.encode_videos(frames).float().cpu())
+        tensors["prompt_embeds"].append(adapter.encode_prompts(batch["prompt"].tolist()).float().cpu())
+    save_file({key: torch.cat(value).contiguous() for key, value in tensors.items()}, str(out_file))
+
+
+def load_latents(path: Path) -> dict[str, torch.Tensor]:
+    """Load the tensors written by `cache_latents`."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"latent cache {path} not found; run `dvc repro label` first")
+    return load_file(str(path))

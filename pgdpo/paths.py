@@ -1,0 +1,17 @@
+"""Output paths of every stage, relative to the project root (dvc.yaml lists the same paths)."""
+
+from pathlib import Path
+
+DATA = Path("data")
+TRAIN_PROMPTS = DATA / "prompts" / "train.txt"
+EVAL_PROMPTS = DATA / "prompts" / "eval.txt"
+BASE_MODEL = DATA / "base"
+CANDIDATES = DATA / "candidates"
+SCORES = DATA / "scores.csv"
+PAIRS = DATA / "pairs"
+ADAPTER = DATA / "adapter"
+EVAL_VIDEOS = DATA / "eval"
+
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+REPORTS = Path("reports")

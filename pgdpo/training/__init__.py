@@ -1,0 +1,1 @@
+"""Preference fine-tuning: LoRA setup and export, and the training loop."""

@@ -1,0 +1,55 @@
+"""LoRA adapters on the denoiser (peft), saved in the diffusers LoRA format."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from pgdpo.models.adapter import VideoModelAdapter
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+
+
+def add_lora(
+    adapter: VideoModelAdapter, rank: int, alpha: float, dropout: float, targets: list[str] | None, seed: int
+) -> int:
+    """Freeze the denoiser and add trainable LoRA layers; return the number of trainable parameters.
+
+    `targets` defaults to the family's `lora_targets`.
+    """
+    denoiser = adapter.denoiser
+    denoiser.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets or adapter.lora_targets),
+        init_lora_weights="gaussian",
+    )
+    torch.manual_seed(seed)
+    denoiser.add_adapter(config, adapter_name=ADAPTER_NAME)
+    trainable = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ValueError(f"LoRA targets {config.target_modules} matched no module of {type(denoiser).__name__}")
+    # Train LoRA weights in float32 even when the base weights are bf16 or fp16.
+    for parameter in denoiser.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    logger.info("LoRA rank %d on %s: %d trainable parameters", rank, config.target_modules, trainable)
+    return trainable
+
+
+def save_lora(adapter: VideoModelAdapter, out_dir: Path) -> Path:
+    """Save the denoiser's LoRA weights so that `pipe.load_lora_weights(out_dir)` loads them."""
+    state = get_peft_model_state_dict(adapter.denoiser, adapter_name=ADAPTER_NAME)
+    pipeline_class = type(adapter.pipe)
+    pipeline_class.save_lora_weights(
+        save_directory=str(out_dir), safe_serialization=True, **{adapter.lora_layers_kwarg: state}
+    )
+    return Path(out_dir) / "pytorch_lora_weights.safetensors"

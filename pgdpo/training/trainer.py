@@ -1,0 +1,217 @@
+"""LoRA preference fine-tuning on cached latents: one loss from `pgdpo.losses`, one reference pass.
+
+Per step, for a batch of B pairs:
+1. chosen and rejected latents share one noise draw and one noise level per pair;
+2. the policy (LoRA on) predicts on the (2B, ...) batch, chosen first;
+3. the reference is the same denoiser with its adapters disabled, under no_grad, so no second
+   copy of the model is held;
+4. per-sample errors go to `compute_loss`, which returns the loss and its diagnostics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from pgdpo.losses import LossConfig, compute_loss
+from pgdpo.models.adapter import VideoModelAdapter
+from pgdpo.runtime import autocast
+
+logger = logging.getLogger(__name__)
+
+MetricsCallback = Callable[[dict[str, float], int], None]
+
+# Noise levels of the held-out probe: fixed, so probe rows are comparable across steps and runs.
+PROBE_SIGMAS = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class TrainConfig:
+    method: str
+    loss: LossConfig
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    probe_every: int = 10
+    log_every: int = 5
+    seed: int = 0
+    autocast: str = "float32"
+
+
+@dataclass
+class PairData:
+    """Cached tensors of a set of pairs; row i of every tensor belongs to pair_ids[i]."""
+
+    chosen: torch.Tensor  # (N, C, F, H, W) latents
+    rejected: torch.Tensor  # (N, C, F, H, W) latents
+    prompt_embeds: torch.Tensor  # (N, L, D)
+    score_w: torch.Tensor  # (N,) normalised to [0, 1]
+    score_l: torch.Tensor  # (N,)
+    pair_ids: np.ndarray  # (N,)
+
+    def subset(self, rows: np.ndarray) -> PairData:
+        index = torch.as_tensor(rows, dtype=torch.long)
+        return PairData(
+            self.chosen[index], self.rejected[index], self.prompt_embeds[index],
+            self.score_w[index], self.score_l[index], self.pair_ids[rows],
+        )
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+
+def normalise_scores(chosen: np.ndarray, rejected: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Min-max normalise both score columns jointly to [0, 1]; return them and the min and max used."""
+    low = float(min(chosen.min(), rejected.min()))
+    high = float(max(chosen.max(), rejected.max()))
+    span = high - low if high > low else 1.0
+    return (chosen - low) / span, (rejected - low) / span, {"score_min": low, "score_max": high}
+
+
+def pair_errors(
+    adapter: VideoModelAdapter,
+    batch: PairData,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    reference: bool,
+    autocast_dtype: str = "float32",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return per-sample errors (2B,), predictions and targets of one forward pass over [chosen; rejected].
+
+    `noise` has the latent shape (B, ...) and `sigmas` is (B,): both are shared by the chosen and
+    rejected sample of a pair. With `reference=True` the adapters are disabled and no graph is kept.
+    """
+    device = adapter.device
+    latents = torch.cat([batch.chosen, batch.rejected]).to(device)  # (2B, C, F, H, W), chosen first
+    embeds = torch.cat([batch.prompt_embeds, batch.prompt_embeds]).to(device, adapter.dtype)
+    noisy, timesteps, target = adapter.noisy_latents_and_target(
+        latents, torch.cat([noise, noise]).to(device), torch.cat([sigmas, sigmas]).to(device)
+    )
+    denoiser = adapter.denoiser
+    if reference:
+        denoiser.disable_adapters()
+    try:
+        with torch.set_grad_enabled(not reference), autocast(device, autocast_dtype):
+            prediction = adapter.predict(noisy.to(adapter.dtype), timesteps, embeds)
+    finally:
+        if reference:
+            denoiser.enable_adapters()
+    # Per-sample MSE in float32: D values are ~1e-3 of the error and bf16 cannot resolve them.
+    errors = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return errors, prediction, target
+
+
+def preference_step(
+    adapter: VideoModelAdapter, batch: PairData, cfg: TrainConfig, noise: torch.Tensor, sigmas: torch.Tensor
+):
+    """Compute the loss output of one batch (policy with gradient, reference without)."""
+    policy_err, prediction, target = pair_errors(adapter, batch, noise, sigmas, reference=False, autocast_dtype=cfg.autocast)
+    with torch.no_grad():
+        ref_err, _, _ = pair_errors(adapter, batch, noise, sigmas, reference=True, autocast_dtype=cfg.autocast)
+    size = len(batch)
+    return compute_loss(
+        cfg.method,
+        cfg.loss,
+        policy_err_w=policy_err[:size],
+        policy_err_l=policy_err[size:],
+        ref_err_w=ref_err[:size],
+        ref_err_l=ref_err[size:],
+        score_w=batch.score_w.to(policy_err.device),
+        score_l=batch.score_l.to(policy_err.device),
+        policy_pred=prediction,
+        target=target,
+    )
+
+
+class LikelihoodProbe:
+    """Chosen and rejected error differences on fixed held-out pairs, timesteps and noise."""
+
+    def __init__(self, adapter: VideoModelAdapter, probe: PairData, cfg: TrainConfig):
+        self.adapter = adapter
+        self.cfg = cfg
+        repeats = len(PROBE_SIGMAS)
+        rows = np.repeat(np.arange(len(probe)), repeats)
+        self.batch = probe.subset(rows)
+        generator = torch.Generator().manual_seed(cfg.seed + 7919)
+        self.noise = torch.randn(self.batch.chosen.shape, generator=generator)
+        self.sigmas = torch.tensor(PROBE_SIGMAS * len(probe), dtype=torch.float32)
+
+    @torch.no_grad()
+    def measure(self) -> dict[str, float]:
+        output = preference_step(self.adapter, self.batch, self.cfg, self.noise, self.sigmas)
+        return output.metrics
+
+
+def train_preference(
+    adapter: VideoModelAdapter,
+    train: PairData,
+    probe: PairData,
+    cfg: TrainConfig,
+    on_metrics: MetricsCallback | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run `cfg.steps` optimizer steps of preference training on the LoRA parameters.
+
+    Returns:
+        (train log, probe log): one row per step with every loss metric and the gradient norm,
+        and one row per probe with the probe metrics.
+
+    Raises:
+        FloatingPointError: on a non-finite loss or gradient, naming the step and pair ids.
+    """
+    if len(train) == 0:
+        raise ValueError("no training pairs; check label.min_margin and label.num_probe_pairs")
+    denoiser = adapter.denoiser
+    parameters = [p for p in denoiser.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("the denoiser has no trainable parameters; add LoRA adapters before training")
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(cfg.warmup_steps, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    probe_runner = LikelihoodProbe(adapter, probe, cfg)
+
+    train_rows, probe_rows = [], []
+    probe_rows.append({"step": 0, **probe_runner.measure()})
+    denoiser.train()
+    for step in tqdm(range(1, cfg.steps + 1), desc=f"train {cfg.method}", unit="step"):
+        rows = torch.randint(len(train), (cfg.batch_size,), generator=generator).numpy()
+        batch = train.subset(rows)
+        noise = torch.randn(batch.chosen.shape, generator=generator)
+        sigmas = adapter.sample_timesteps(len(batch), generator)
+
+        output = preference_step(adapter, batch, cfg, noise, sigmas)
+        if not torch.isfinite(output.loss):
+            raise FloatingPointError(f"non-finite loss {output.loss.item()} at step {step}, pair ids {batch.pair_ids.tolist()}")
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm))
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm at step {step}, pair ids {batch.pair_ids.tolist()}")
+        optimizer.step()
+        schedule.step()
+
+        metrics = {**output.metrics, "grad_norm": grad_norm, "lr": schedule.get_last_lr()[0]}
+        train_rows.append({"step": step, **metrics})
+        if on_metrics and (step % cfg.log_every == 0 or step == cfg.steps):
+            on_metrics({f"train/{key}": value for key, value in metrics.items()}, step)
+
+        if step % cfg.probe_every == 0 or step == cfg.steps:
+            denoiser.eval()
+            probe_metrics = probe_runner.measure()
+            denoiser.train()
+            probe_rows.append({"step": step, **probe_metrics})
+            if on_metrics:
+                on_metrics({f"probe/{key}": value for key, value in probe_metrics.items()}, step)
+
+    denoiser.eval()
+    return pd.DataFrame(train_rows), pd.DataFrame(probe_rows)

@@ -1,0 +1,30 @@
+"""Stage `generate`: K candidate clips per train prompt, as MP4 files plus a manifest."""
+
+from pgdpo.config import Params
+from pgdpo.generation import generate_videos
+from pgdpo.io import read_prompts
+from pgdpo.models import load_base
+from pgdpo.paths import CANDIDATES, TRAIN_PROMPTS
+from pgdpo.stage import stage_main
+from pgdpo.tracking import Tracker
+
+
+def run(params: Params, tracker: Tracker) -> None:
+    cfg = params.generate
+    adapter = load_base(params)
+    manifest = generate_videos(
+        adapter,
+        read_prompts(TRAIN_PROMPTS),
+        num_per_prompt=cfg.num_candidates,
+        base_seed=cfg.seed,
+        out_dir=CANDIDATES,
+        num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale,
+        batch_size=cfg.batch_size,
+    )
+    tracker.log_metrics({"generate/videos": len(manifest)})
+    tracker.log_artifact(CANDIDATES / "manifest.csv", "candidates")
+
+
+if __name__ == "__main__":
+    stage_main("generate", run, ["runtime", "base", "generate"])
