@@ -50,8 +50,8 @@ class BaseParams(Section):
     model: str = Field("shapes", description='"shapes" trains the built-in base; otherwise a hub id or local path')
     revision: str | None = None
     variant: str | None = None
-    vae_steps: int = Field(200, ge=1)
-    vae_lr: float = Field(5e-3, gt=0)
+    vae_steps: int = Field(300, ge=1)
+    vae_lr: float = Field(2e-3, gt=0)
     transformer_steps: int = Field(1200, ge=1)
     transformer_lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(8, ge=1)

@@ -49,7 +49,7 @@ def load_adapter(
 
     logger.info("loading %s pipeline from %s (dtype %s)", class_name, model, dtype)
     pipe = getattr(diffusers, class_name).from_pretrained(
-        str(model), torch_dtype=torch_dtype, revision=revision, variant=variant
+        str(model), dtype=torch_dtype, revision=revision, variant=variant
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -29,7 +29,7 @@ class TinyWanConfig:
     """
 
     vae_base_dim: int = 16
-    z_dim: int = 4
+    z_dim: int = 8
     text_dim: int = 32
     text_layers: int = 2
     text_heads: int = 4
