@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -20,6 +21,7 @@ from prefect import flow, get_run_logger, task
 from pgdpo.config import load_params
 from pgdpo.stage import EXIT_INVALID_PARAMS
 
+PROGRESS_INTERVAL_S = 15.0
 STAGES = ("prompts", "base", "generate", "score", "label", "train", "evaluate")
 
 
@@ -54,14 +56,19 @@ def run_stage(stage: str, project_dir: str, env: dict[str, str]) -> None:
         stderr=subprocess.STDOUT, text=True, bufsize=1,
     )
     tail: list[str] = []
+    last_progress = 0.0
     assert process.stdout is not None
     for line in process.stdout:
-        line = line.rstrip()
-        # tqdm redraws with carriage returns; log only the final state of each bar line.
-        line = line.split("\r")[-1]
-        if line:
-            logger.info("%s | %s", stage, line)
-            tail = (tail + [line])[-40:]
+        line = line.rstrip().split("\r")[-1]
+        if not line:
+            continue
+        tail = (tail + [line])[-40:]
+        # Progress bars update many times a second; keep one update every PROGRESS_INTERVAL_S.
+        if "%|" in line:
+            if time.monotonic() - last_progress < PROGRESS_INTERVAL_S:
+                continue
+            last_progress = time.monotonic()
+        logger.info("%s | %s", stage, line)
     returncode = process.wait()
     if returncode != 0:
         raise StageFailed(stage, returncode, "\n".join(tail))
@@ -74,8 +81,7 @@ def open_parent_run(project_dir: str, experiment: str) -> str:
 
     from pgdpo.tracking import git_commit, tracking_uri
 
-    os.chdir(project_dir)
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(tracking_uri(project_dir))
     experiment_id = mlflow.set_experiment(experiment).experiment_id
     run = mlflow.MlflowClient().create_run(
         experiment_id, run_name="pipeline", tags={"git.commit": git_commit() or "unknown", "pgdpo.orchestrator": "prefect"}
@@ -84,10 +90,13 @@ def open_parent_run(project_dir: str, experiment: str) -> str:
 
 
 @task
-def close_parent_run(run_id: str, status: str) -> None:
+def close_parent_run(project_dir: str, run_id: str, status: str) -> None:
+    """Mark the MLflow parent run finished or failed."""
     import mlflow
 
-    mlflow.MlflowClient().set_terminated(run_id, status=status)
+    from pgdpo.tracking import tracking_uri
+
+    mlflow.MlflowClient(tracking_uri(project_dir)).set_terminated(run_id, status=status)
 
 
 @flow(name="pgdpo-pipeline", log_prints=False)
@@ -103,7 +112,7 @@ def pipeline(project_dir: str = ".", stages: list[str] | None = None) -> str:
             run_stage(stage, project, env)
         status = "FINISHED"
     finally:
-        close_parent_run(parent, status)
+        close_parent_run(project, parent, status)
     return parent
 
 

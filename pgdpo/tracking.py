@@ -29,9 +29,10 @@ PIPELINE_KEY_TAG = "pgdpo.pipeline_key"
 STAGE_TAG = "pgdpo.stage"
 
 
-def tracking_uri() -> str:
-    """Return `MLFLOW_TRACKING_URI` or the project's default sqlite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+def tracking_uri(project_dir: str | Path | None = None) -> str:
+    """Return `MLFLOW_TRACKING_URI`, else the sqlite store `mlflow.db` in `project_dir` (default: cwd)."""
+    root = Path(project_dir) if project_dir is not None else Path.cwd()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve() / 'mlflow.db'}"
 
 
 def git_commit() -> str | None:
