@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pgdpo.losses import METHODS, LossConfig
 
@@ -108,6 +108,7 @@ class TrainParams(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     probe_every: int = Field(10, ge=1, description="steps between held-out likelihood probes")
     log_every: int = Field(5, ge=1)
+    checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0 disables them")
     seed: int = 0
     lora: LoraParams = Field(default_factory=LoraParams)
     loss: dict[str, Any] = Field(default_factory=dict, description="LossConfig fields: beta, ars, ipr, ...")
@@ -155,12 +156,6 @@ class Params(Section):
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
-
-    @model_validator(mode="after")
-    def _probe_leaves_training_pairs(self) -> Params:
-        if self.label.num_probe_pairs < 1:
-            raise ValueError("label.num_probe_pairs must be >= 1")
-        return self
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:

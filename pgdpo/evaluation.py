@@ -10,13 +10,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from pgdpo.scoring.table import TOTAL, score_manifest
+from pgdpo.scoring.table import REPORTED_DIMENSIONS, TOTAL, score_manifest
 from pgdpo.video import read_video
 
 logger = logging.getLogger(__name__)
 
-# Dimensions reported for each model, besides the reward `total`.
-DIMENSIONS = ("oracle_color", "oracle_shape", "oracle_direction", "oracle_alignment", "temporal_flickering")
 
 
 def bootstrap_interval(values: np.ndarray, seed: int, resamples: int = 1000, level: float = 0.95) -> tuple[float, float]:
@@ -30,7 +28,7 @@ def bootstrap_interval(values: np.ndarray, seed: int, resamples: int = 1000, lev
 
 def score_model_videos(manifest: pd.DataFrame, root: Path, reward_weights: dict[str, float]) -> pd.DataFrame:
     """Score one model's eval clips on every reported dimension plus the reward total."""
-    extra = [name for name in DIMENSIONS if name not in reward_weights]
+    extra = [name for name in REPORTED_DIMENSIONS if name not in reward_weights]
     return score_manifest(manifest, root, reward_weights, extra_scorers=extra)
 
 
@@ -41,7 +39,7 @@ def summarise(tables: dict[str, pd.DataFrame], seed: int) -> dict:
     base = tables["base"]
     for model, table in tables.items():
         block = {}
-        for dimension in (*DIMENSIONS, TOTAL):
+        for dimension in (*REPORTED_DIMENSIONS, TOTAL):
             values = table[dimension].to_numpy()
             low, high = bootstrap_interval(values, seed)
             entry = {"mean": float(values.mean()), "ci_low": low, "ci_high": high}

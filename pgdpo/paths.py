@@ -15,3 +15,6 @@ EVAL_VIDEOS = DATA / "eval"
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 REPORTS = Path("reports")
+
+# Resumable training checkpoints: not a DVC output, removed when training finishes.
+CHECKPOINTS = Path("checkpoints") / "train"

@@ -1,6 +1,9 @@
 """Stage `train`: LoRA preference fine-tuning of the base denoiser on the cached pairs."""
 
+import hashlib
+import json
 import logging
+import shutil
 
 import numpy as np
 import torch
@@ -9,9 +12,10 @@ from pgdpo.config import Params
 from pgdpo.io import atomic_dir, read_table, write_json, write_table
 from pgdpo.models import load_base
 from pgdpo.pairs import load_latents
-from pgdpo.paths import ADAPTER, METRICS, PAIRS, PLOTS
+from pgdpo.paths import ADAPTER, CHECKPOINTS, METRICS, PAIRS, PLOTS
 from pgdpo.stage import stage_main
 from pgdpo.tracking import Tracker
+from pgdpo.video import file_sha256
 from pgdpo.training.lora import add_lora, save_lora
 from pgdpo.training.trainer import PairData, TrainConfig, normalise_scores, train_preference
 
@@ -33,6 +37,16 @@ def load_pair_data(params: Params) -> tuple[PairData, PairData, dict]:
     )
     split = pairs["split"].to_numpy()
     return data.subset(np.flatnonzero(split == "train")), data.subset(np.flatnonzero(split == "probe")), bounds
+
+
+def training_fingerprint(params: Params) -> str:
+    """Hash of everything a checkpoint depends on, so a changed run never resumes a stale one."""
+    digest = hashlib.sha256()
+    settings = {"train": params.train.model_dump(), "runtime": params.runtime.model_dump(), "base": params.base.model}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for path in (PAIRS / "pairs.csv", PAIRS / "latents.safetensors"):
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()[:16]
 
 
 def run(params: Params, tracker: Tracker) -> None:
@@ -57,7 +71,11 @@ def run(params: Params, tracker: Tracker) -> None:
         seed=cfg.seed,
         autocast=params.runtime.autocast,
     )
-    train_log, probe_log = train_preference(adapter, train_pairs, probe_pairs, train_cfg, on_metrics=tracker.log_metrics)
+    checkpoints = CHECKPOINTS / training_fingerprint(params)
+    train_log, probe_log = train_preference(
+        adapter, train_pairs, probe_pairs, train_cfg, on_metrics=tracker.log_metrics,
+        checkpoint_dir=checkpoints, checkpoint_every=cfg.checkpoint_every,
+    )
 
     with atomic_dir(ADAPTER) as tmp:
         save_lora(adapter, tmp)
@@ -68,6 +86,7 @@ def run(params: Params, tracker: Tracker) -> None:
     probe_final = probe_log.iloc[-1].drop(labels="step").to_dict()
     summary = {"train": final, "probe": probe_final, "score_normalisation": bounds, "method": cfg.method}
     write_json(METRICS / "train.json", summary)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     tracker.log_artifact(ADAPTER, "adapter")
     tracker.log_artifact(PLOTS / "probe.tsv")
 

@@ -77,7 +77,8 @@ class ArsConfig:
 
     def __post_init__(self) -> None:
         _check_bool("ars", "enabled", self.enabled)
-        _check_number("ars", "k1", self.k1, minimum=0.0)
+        # K1 <= 0 would make alpha <= 0.5 for every positive margin, which inverts ARS.
+        _check_number("ars", "k1", self.k1, minimum=0.0, strict_minimum=True)
         _check_number("ars", "eps", self.eps, minimum=0.0, strict_minimum=True)
 
 

@@ -16,6 +16,9 @@ logger = logging.getLogger(__name__)
 
 TOTAL = "total"
 
+# Dimensions reported for every scored clip set, besides the reward `total`.
+REPORTED_DIMENSIONS = ("oracle_color", "oracle_shape", "oracle_direction", "oracle_alignment", "temporal_flickering")
+
 
 def score_manifest(
     manifest: pd.DataFrame, root: Path, weights: dict[str, float], extra_scorers: list[str] | None = None

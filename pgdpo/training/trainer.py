@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from pgdpo.losses import LossConfig, compute_loss
 from pgdpo.models.adapter import VideoModelAdapter
 from pgdpo.runtime import autocast
+from pgdpo.training.checkpoint import load_latest_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +160,13 @@ def train_preference(
     probe: PairData,
     cfg: TrainConfig,
     on_metrics: MetricsCallback | None = None,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run `cfg.steps` optimizer steps of preference training on the LoRA parameters.
+
+    With `checkpoint_dir` and `checkpoint_every > 0`, a checkpoint is written every
+    `checkpoint_every` steps, and training resumes from the newest checkpoint found there.
 
     Returns:
         (train log, probe log): one row per step with every loss metric and the gradient norm,
@@ -180,10 +187,18 @@ def train_preference(
     generator = torch.Generator().manual_seed(cfg.seed)
     probe_runner = LikelihoodProbe(adapter, probe, cfg)
 
-    train_rows, probe_rows = [], []
-    probe_rows.append({"step": 0, **probe_runner.measure()})
+    train_rows: list[dict] = []
+    probe_rows: list[dict] = []
+    first_step = 1
+    resumed = load_latest_checkpoint(checkpoint_dir, denoiser, optimizer, schedule, generator) if checkpoint_dir else None
+    if resumed is not None:
+        first_step = resumed.step + 1
+        train_rows, probe_rows = resumed.train_rows, resumed.probe_rows
+    else:
+        probe_rows.append({"step": 0, **probe_runner.measure()})
+
     denoiser.train()
-    for step in tqdm(range(1, cfg.steps + 1), desc=f"train {cfg.method}", unit="step"):
+    for step in tqdm(range(first_step, cfg.steps + 1), desc=f"train {cfg.method}", unit="step", initial=first_step - 1, total=cfg.steps):
         rows = torch.randint(len(train), (cfg.batch_size,), generator=generator).numpy()
         batch = train.subset(rows)
         noise = torch.randn(batch.chosen.shape, generator=generator)
@@ -212,6 +227,9 @@ def train_preference(
             probe_rows.append({"step": step, **probe_metrics})
             if on_metrics:
                 on_metrics({f"probe/{key}": value for key, value in probe_metrics.items()}, step)
+
+        if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps:
+            save_checkpoint(checkpoint_dir, step, denoiser, optimizer, schedule, generator, train_rows, probe_rows)
 
     denoiser.eval()
     return pd.DataFrame(train_rows), pd.DataFrame(probe_rows)

@@ -1,0 +1,65 @@
+"""params.yaml validation: every invalid value is reported with its dotted key before any work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pgdpo.config import ParamsError, load_params
+from pgdpo.stage import EXIT_INVALID_PARAMS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_params(tmp_path: Path, edit) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_default_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.train.method == "pgdpo"
+    assert params.train.loss_config().ars.enabled
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: p["generate"].update(num_candidates=0), "generate.num_candidates = 0"),
+        (lambda p: p["train"].update(method="ppo"), "train.method = 'ppo'"),
+        (lambda p: p["train"].update(lr=-1.0), "train.lr = -1.0"),
+        (lambda p: p["train"].update(unknown_key=1), "train.unknown_key"),
+        (lambda p: p.update(extra_section={}), "extra_section"),
+        (lambda p: p["train"]["loss"].update(beta=-5.0), "beta"),
+        (lambda p: p["train"]["loss"]["ars"].update(k1=0.0), "k1"),
+        (lambda p: p["train"]["loss"].update(bogus=1), "bogus"),
+        (lambda p: p["world"].update(height=30), "world.height = 30"),
+        (lambda p: p["score"].update(weights={"oracle_alignment": -1.0}), "score.weights"),
+    ],
+)
+def test_invalid_value_names_key(tmp_path, edit, message):
+    path = write_params(tmp_path, edit)
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert message in str(error.value)
+
+
+def test_missing_params_file_raises(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "absent.yaml")
+
+
+def test_check_command_exit_codes(tmp_path):
+    valid = subprocess.run([sys.executable, "-m", "stages.check", str(ROOT / "params.yaml")], cwd=ROOT, capture_output=True, text=True)
+    assert valid.returncode == 0, valid.stderr
+    invalid_path = write_params(tmp_path, lambda p: p["train"].update(steps=0))
+    invalid = subprocess.run([sys.executable, "-m", "stages.check", str(invalid_path)], cwd=ROOT, capture_output=True, text=True)
+    assert invalid.returncode == EXIT_INVALID_PARAMS
+    assert "train.steps = 0" in invalid.stderr
