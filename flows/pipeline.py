@@ -22,7 +22,7 @@ from pgdpo.config import load_params
 from pgdpo.stage import EXIT_INVALID_PARAMS
 
 PROGRESS_INTERVAL_S = 15.0
-STAGES = ("prompts", "base", "generate", "score", "label", "train", "evaluate")
+STAGES = ("prompts", "base", "generate", "score", "label", "train", "evaluate_base", "evaluate")
 
 
 class StageFailed(RuntimeError):
@@ -51,8 +51,11 @@ def run_stage(stage: str, project_dir: str, env: dict[str, str]) -> None:
     logger = get_run_logger()
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     logger.info("running %s in %s", " ".join(command), project_dir)
+    # DVC runs each stage's `python -m stages.<name>` through the shell, so this interpreter's
+    # folder goes first on PATH for the stage to use the same environment as the flow.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     process = subprocess.Popen(
-        command, cwd=project_dir, env={**os.environ, **env}, stdout=subprocess.PIPE,
+        command, cwd=project_dir, env={**os.environ, **env, "PATH": path}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, bufsize=1,
     )
     tail: list[str] = []

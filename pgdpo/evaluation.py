@@ -98,3 +98,21 @@ def markdown_table(summary: dict) -> str:
         ]
         lines.append(f"| {dimension} | " + " | ".join(cells + deltas) + " |")
     return "\n".join(lines) + "\n"
+
+
+def sample_and_score(adapter, prompts: list[str], cfg, root: Path, reward_weights: dict[str, float], name: str):
+    """Sample `cfg.num_videos_per_prompt` clips per eval prompt into `root` and score them.
+
+    Writes `root/manifest.csv`, `root/videos/` and `root/scores.csv`; returns (manifest, scores).
+    """
+    from pgdpo.generation import generate_videos
+    from pgdpo.io import write_table
+
+    manifest = generate_videos(
+        adapter, prompts, cfg.num_videos_per_prompt, cfg.seed, root,
+        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+        batch_size=cfg.batch_size, desc=f"evaluate {name}",
+    )
+    table = score_model_videos(manifest, root, reward_weights)
+    write_table(table, root / "scores.csv")
+    return manifest, table

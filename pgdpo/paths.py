@@ -10,7 +10,8 @@ CANDIDATES = DATA / "candidates"
 SCORES = DATA / "scores.csv"
 PAIRS = DATA / "pairs"
 ADAPTER = DATA / "adapter"
-EVAL_VIDEOS = DATA / "eval"
+EVAL_BASE = DATA / "eval_base"
+EVAL_TRAINED = DATA / "eval_trained"
 
 METRICS = Path("metrics")
 PLOTS = Path("plots")

@@ -1,13 +1,13 @@
-"""Stage `evaluate`: base vs trained adapter on the held-out eval prompts, from identical seeds."""
+"""Stage `evaluate`: the trained adapter samples the eval prompts from the seeds `evaluate_base`
+used, and both are compared per dimension with bootstrap intervals."""
 
 import logging
 
 from pgdpo.config import Params
-from pgdpo.evaluation import contact_sheet, markdown_table, score_model_videos, summarise
-from pgdpo.generation import generate_videos
-from pgdpo.io import atomic_write_text, read_prompts, write_json, write_table
+from pgdpo.evaluation import contact_sheet, markdown_table, sample_and_score, summarise
+from pgdpo.io import atomic_write_text, read_prompts, read_table, write_json
 from pgdpo.models import load_base
-from pgdpo.paths import ADAPTER, EVAL_PROMPTS, EVAL_VIDEOS, METRICS, REPORTS
+from pgdpo.paths import ADAPTER, EVAL_BASE, EVAL_PROMPTS, EVAL_TRAINED, METRICS, REPORTS
 from pgdpo.stage import stage_main
 from pgdpo.tracking import Tracker
 
@@ -16,22 +16,16 @@ logger = logging.getLogger(__name__)
 
 def run(params: Params, tracker: Tracker) -> None:
     cfg = params.evaluate
-    prompts = read_prompts(EVAL_PROMPTS)
     adapter = load_base(params)
-
-    manifests, tables, roots = {}, {}, {}
-    for model in ("base", "trained"):
-        if model == "trained":
-            adapter.pipe.load_lora_weights(str(ADAPTER))
-        root = EVAL_VIDEOS / model
-        manifests[model] = generate_videos(
-            adapter, prompts, cfg.num_videos_per_prompt, cfg.seed, root,
-            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-            batch_size=cfg.batch_size, desc=f"evaluate {model}",
-        )
-        roots[model] = root
-        tables[model] = score_model_videos(manifests[model], root, params.score.weights)
-        write_table(tables[model], root / "scores.csv")
+    adapter.pipe.load_lora_weights(str(ADAPTER))
+    trained_manifest, trained_table = sample_and_score(
+        adapter, read_prompts(EVAL_PROMPTS), cfg, EVAL_TRAINED, params.score.weights, "trained"
+    )
+    manifests = {"base": read_table(EVAL_BASE / "manifest.csv"), "trained": trained_manifest}
+    tables = {"base": read_table(EVAL_BASE / "scores.csv"), "trained": trained_table}
+    roots = {"base": EVAL_BASE, "trained": EVAL_TRAINED}
+    if manifests["base"]["seed"].tolist() != trained_manifest["seed"].tolist():
+        raise ValueError(f"{EVAL_BASE} was sampled with other seeds or prompts; run `dvc repro evaluate_base`")
 
     summary = summarise(tables, seed=cfg.seed)
     write_json(METRICS / "eval.json", summary)

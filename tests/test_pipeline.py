@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from pgdpo.video import read_video
 from tests.conftest import run_cli
 
-STAGES = ["prompts", "base", "generate", "score", "label", "train", "evaluate"]
+STAGES = ["prompts", "base", "generate", "score", "label", "train", "evaluate_base", "evaluate"]
 
 
 def test_candidate_videos_decode(reproduced_project: Path):
