@@ -16,6 +16,8 @@ import contextlib
 import logging
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,21 @@ def tracking_uri(project_dir: str | Path | None = None) -> str:
     """Return `MLFLOW_TRACKING_URI`, else the sqlite store `mlflow.db` in `project_dir` (default: cwd)."""
     root = Path(project_dir) if project_dir is not None else Path.cwd()
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise ConnectionError if an http(s) tracking server does not answer its /health endpoint.
+
+    MLflow's own client retries a refused connection for minutes; this check fails in seconds.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            if response.status != 200:
+                raise ConnectionError(f"{uri}/health returned HTTP {response.status}")
+    except (OSError, urllib.error.URLError) as error:
+        raise ConnectionError(f"MLflow tracking server {uri} is unreachable: {error}") from error
 
 
 def git_commit() -> str | None:
@@ -133,6 +150,7 @@ def stage_run(stage: str, experiment: str, params: dict[str, Any], required: boo
 
     uri = tracking_uri()
     try:
+        check_reachable(uri)
         mlflow.set_tracking_uri(uri)
         experiment_id = mlflow.set_experiment(experiment).experiment_id
         client = MlflowClient()
