@@ -23,7 +23,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from pgdpo.io import atomic_write_text, write_json
-from pgdpo.sweep import collect_experiments, comparison_markdown
+from pgdpo.sweep import collect_experiments, comparison_markdown, plot_probe_trajectories
 
 EXP_PREFIX = "sweep"
 
@@ -51,11 +51,11 @@ def experiment_name(point: dict[str, str]) -> str:
 
 
 @task
-def queue_experiment(project: str, point: dict[str, str]) -> str:
-    """Queue one grid point as a DVC experiment and return its name."""
+def queue_experiment(project: str, point: dict[str, str], target: str | None = None) -> str:
+    """Queue one grid point as a DVC experiment (up to stage `target`, default all) and return its name."""
     name = experiment_name(point)
     overrides = [arg for key, value in point.items() for arg in ("-S", f"{key}={value}")]
-    dvc(["exp", "run", "--queue", "--name", name, *overrides], project)
+    dvc(["exp", "run", "--queue", "--name", name, *overrides, *([target] if target else [])], project)
     get_run_logger().info("queued %s with %s", name, point)
     return name
 
@@ -83,6 +83,7 @@ def summarise(project: str, names: list[str]) -> str:
     """Collect params, metrics and probe logs of the experiments into reports/sweep.*."""
     table = collect_experiments(project, names)
     write_json(Path(project) / "reports" / "sweep.json", table)
+    plot_probe_trajectories(table, Path(project) / "reports" / "sweep_probe.png")
     markdown = comparison_markdown(table)
     atomic_write_text(Path(project) / "reports" / "sweep.md", markdown)
     try:
@@ -95,10 +96,14 @@ def summarise(project: str, names: list[str]) -> str:
 
 
 @flow(name="pgdpo-sweep")
-def sweep(grid: dict[str, list[str]], project_dir: str = ".", jobs: int = 1) -> str:
-    """Run every combination of `grid` as a queued DVC experiment and return the comparison table."""
+def sweep(grid: dict[str, list[str]], project_dir: str = ".", jobs: int = 1, target: str | None = None) -> str:
+    """Run every combination of `grid` as a queued DVC experiment and return the comparison table.
+
+    With `target` (e.g. "train"), each experiment runs only up to that stage; metrics of later
+    stages in the table are then those of the workspace the experiments started from.
+    """
     project = str(Path(project_dir).resolve())
-    names = [queue_experiment(project, point) for point in grid_points(grid)]
+    names = [queue_experiment(project, point, target) for point in grid_points(grid)]
     run_queue(project, jobs, names)
     return summarise(project, names)
 
@@ -118,5 +123,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", required=True, help="params key and comma-separated values")
     parser.add_argument("--jobs", type=int, default=1, help="experiments run at once")
+    parser.add_argument("--target", default=None, help="last stage to run, e.g. train (default: all)")
     args = parser.parse_args()
-    print(sweep(parse_grid(args.set), jobs=args.jobs))
+    print(sweep(parse_grid(args.set), jobs=args.jobs, target=args.target))

@@ -95,3 +95,26 @@ def comparison_markdown(records: list[dict]) -> str:
             cells.append(f"{values.mean():.4g} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.2g}")
         lines.append(f"| {method} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_probe_trajectories(records: list[dict], out_file: Path, column: str = "diff_chosen") -> None:
+    """Plot the held-out probe's `column` per step: one line per run, coloured by method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(record["method"] for record in records))
+    colours = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for record in records:
+        label = record["method"] if record is next(r for r in records if r["method"] == record["method"]) else None
+        axis.plot(record["probe"]["step"], record["probe"][column], color=colours[record["method"]], alpha=0.8, label=label)
+    axis.axhline(0.0, color="grey", linewidth=0.8)
+    axis.set_xlabel("training step")
+    axis.set_ylabel(f"held-out {column} (policy - reference error)")
+    axis.legend()
+    figure.tight_layout()
+    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_file, dpi=120)
+    plt.close(figure)
