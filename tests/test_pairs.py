@@ -1,0 +1,57 @@
+"""Pair building from scores: best vs worst, margins, ties and the probe split."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from pgdpo.pairs import build_pairs
+
+
+def scores_table(values_per_prompt: list[list[float]]) -> pd.DataFrame:
+    rows = []
+    for prompt_id, values in enumerate(values_per_prompt):
+        for index, value in enumerate(values):
+            rows.append({
+                "prompt_id": prompt_id, "prompt": f"prompt {prompt_id}", "index": index,
+                "seed": 100 * prompt_id + index, "path": f"videos/p{prompt_id}-{index}.mp4", "total": value,
+            })
+    return pd.DataFrame(rows)
+
+
+def test_best_vs_worst_pairs():
+    scores = scores_table([[0.2, 0.9, 0.5], [0.7, 0.1, 0.4], [0.3, 0.6, 0.6]])
+    pairs, stats = build_pairs(scores, "best_vs_worst", min_margin=0.0, num_probe_pairs=1, seed=0)
+    assert pairs["chosen_path"].tolist() == ["videos/p0-1.mp4", "videos/p1-0.mp4", "videos/p2-1.mp4"]
+    assert pairs["rejected_path"].tolist() == ["videos/p0-0.mp4", "videos/p1-1.mp4", "videos/p2-0.mp4"]
+    assert pairs["margin"].round(6).tolist() == [0.7, 0.6, 0.3]
+    assert stats.pairs == 3
+    assert (pairs["split"] == "probe").sum() == 1
+
+
+def test_small_margins_and_ties_dropped_and_counted():
+    scores = scores_table([[0.5, 0.5, 0.5], [0.50, 0.52], [0.1, 0.9], [0.2, 0.8]])
+    pairs, stats = build_pairs(scores, "best_vs_worst", min_margin=0.05, num_probe_pairs=1, seed=0)
+    assert pairs["prompt_id"].tolist() == [2, 3]
+    assert stats.dropped_tied == 1
+    assert stats.dropped_small_margin == 1
+
+
+def test_all_pairs_strategy_counts():
+    scores = scores_table([[0.1, 0.5, 0.9], [0.2, 0.4, 0.6]])
+    pairs, _ = build_pairs(scores, "all_pairs", min_margin=0.0, num_probe_pairs=1, seed=0)
+    assert len(pairs) == 6
+    assert (pairs["chosen_score"] > pairs["rejected_score"]).all()
+
+
+def test_too_few_pairs_for_probe_raises():
+    scores = scores_table([[0.1, 0.9]])
+    with pytest.raises(ValueError, match="num_probe_pairs"):
+        build_pairs(scores, "best_vs_worst", min_margin=0.0, num_probe_pairs=1, seed=0)
+
+
+def test_probe_split_is_seeded():
+    scores = scores_table([[0.1, 0.2 + 0.01 * i] for i in range(10)])
+    first, _ = build_pairs(scores, "best_vs_worst", 0.0, 3, seed=4)
+    second, _ = build_pairs(scores, "best_vs_worst", 0.0, 3, seed=4)
+    assert first["split"].tolist() == second["split"].tolist()
