@@ -3,6 +3,11 @@
 PYTHON ?= python3
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# No usage reports from Prefect, MLflow or DVC: runs must not reach the network.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
 
 .PHONY: install repro test test-slow check clean-venv
 

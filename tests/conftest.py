@@ -30,6 +30,7 @@ def project_env(project: Path) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
     env.pop("PGDPO_PARENT_RUN_ID", None)
+    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
     env.setdefault("GIT_AUTHOR_NAME", "pgdpo-tests")
     env.setdefault("GIT_AUTHOR_EMAIL", "tests@example.invalid")
     env.setdefault("GIT_COMMITTER_NAME", "pgdpo-tests")
