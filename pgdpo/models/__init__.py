@@ -10,12 +10,20 @@ import torch
 from diffusers import DiffusionPipeline
 
 from pgdpo.models.adapter import VideoModelAdapter, VideoSpec, read_video_spec, write_video_spec
+from pgdpo.models.families.animatediff import AnimateDiffAdapter
+from pgdpo.models.families.cogvideox import CogVideoXAdapter
+from pgdpo.models.families.hunyuan_video import HunyuanVideoAdapter
+from pgdpo.models.families.ltx import LTXAdapter
+from pgdpo.models.families.text_to_video_sd import TextToVideoSDAdapter
 from pgdpo.models.families.wan import WanAdapter
 from pgdpo.runtime import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-ADAPTERS: dict[str, type[VideoModelAdapter]] = {cls.pipeline_class: cls for cls in (WanAdapter,)}
+ADAPTERS: dict[str, type[VideoModelAdapter]] = {
+    cls.pipeline_class: cls
+    for cls in (WanAdapter, TextToVideoSDAdapter, AnimateDiffAdapter, CogVideoXAdapter, LTXAdapter, HunyuanVideoAdapter)
+}
 
 __all__ = ["ADAPTERS", "VideoModelAdapter", "VideoSpec", "load_adapter", "read_video_spec", "write_video_spec"]
 

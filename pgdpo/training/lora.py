@@ -47,9 +47,13 @@ def add_lora(
 
 def save_lora(adapter: VideoModelAdapter, out_dir: Path) -> Path:
     """Save the denoiser's LoRA weights so that `pipe.load_lora_weights(out_dir)` loads them."""
-    state = get_peft_model_state_dict(adapter.denoiser, adapter_name=ADAPTER_NAME)
-    pipeline_class = type(adapter.pipe)
-    pipeline_class.save_lora_weights(
-        save_directory=str(out_dir), safe_serialization=True, **{adapter.lora_layers_kwarg: state}
+    denoiser = adapter.denoiser
+    state = get_peft_model_state_dict(denoiser, adapter_name=ADAPTER_NAME)
+    # The metadata carries lora_alpha and the targets; without it a reload assumes alpha = rank.
+    metadata_kwarg = adapter.lora_layers_kwarg.replace("_layers", "_adapter_metadata")
+    type(adapter.pipe).save_lora_weights(
+        save_directory=str(out_dir),
+        safe_serialization=True,
+        **{adapter.lora_layers_kwarg: state, metadata_kwarg: denoiser.peft_config[ADAPTER_NAME].to_dict()},
     )
     return Path(out_dir) / "pytorch_lora_weights.safetensors"
