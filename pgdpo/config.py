@@ -35,7 +35,7 @@ class RuntimeParams(Section):
 
 
 class WorldParams(Section):
-    num_frames: int = Field(9, ge=2, description="frames per clip")
+    num_frames: int = Field(5, ge=2, description="frames per clip (the shapes VAE needs 1 + 2k)")
     height: int = Field(32, ge=16, multiple_of=16, description="clip height in pixels (WanPipeline needs multiples of 16)")
     width: int = Field(32, ge=16, multiple_of=16, description="clip width in pixels")
     fps: int = Field(8, ge=1, description="frame rate written into MP4 files")
@@ -52,7 +52,7 @@ class BaseParams(Section):
     variant: str | None = None
     vae_steps: int = Field(300, ge=1)
     vae_lr: float = Field(2e-3, gt=0)
-    transformer_steps: int = Field(1200, ge=1)
+    transformer_steps: int = Field(2000, ge=1)
     transformer_lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(8, ge=1)
     clips_per_prompt: int = Field(24, ge=1)
