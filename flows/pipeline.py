@@ -18,7 +18,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from pgdpo.config import load_params
+from pgdpo.config import ParamsError, load_params
 from pgdpo.stage import EXIT_INVALID_PARAMS
 
 PROGRESS_INTERVAL_S = 15.0
@@ -34,14 +34,19 @@ class StageFailed(RuntimeError):
         self.returncode = returncode
 
 
+def should_retry(error: BaseException) -> bool:
+    """Return False for invalid params, which fail the same way every time, else True."""
+    if isinstance(error, StageFailed):
+        return error.returncode != EXIT_INVALID_PARAMS
+    return not isinstance(error, ParamsError)
+
+
 def _is_transient(task, task_run, state) -> bool:
-    """Retry unless the stage rejected its params: invalid params fail the same way every time."""
+    """Prefect retry condition: retry a failed stage only when `should_retry` allows it."""
     try:
         state.result()
-    except StageFailed as error:
-        return error.returncode != EXIT_INVALID_PARAMS
-    except Exception:  # noqa: BLE001 - unknown errors (e.g. OSError) may be transient
-        return True
+    except Exception as error:  # noqa: BLE001 - the state's own exception, re-raised by result()
+        return should_retry(error)
     return False
 
 

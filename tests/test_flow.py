@@ -7,7 +7,8 @@ import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import StageFailed, pipeline
+from flows.pipeline import StageFailed, pipeline, should_retry
+from pgdpo.config import ParamsError
 from pgdpo.stage import EXIT_INVALID_PARAMS
 from tests.conftest import make_project
 
@@ -34,18 +35,35 @@ def test_flow_runs_stage_under_parent_run(harness, tmp_path, monkeypatch):
     assert (project / "data/prompts/train.txt").read_text().count("\n") == 48
 
 
-def test_invalid_params_fail_flow_without_retry(harness, tmp_path, monkeypatch, caplog):
+def test_invalid_params_fail_flow_before_stages(harness, tmp_path, monkeypatch, caplog):
     project = make_project(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["prompts"]["num_eval_combos"] = -1
     (project / "params.yaml").write_text(yaml.safe_dump(params))
 
-    with pytest.raises(StageFailed) as failure:
+    with pytest.raises(ParamsError) as failure:
         pipeline(str(project), stages=["prompts"])
 
-    assert failure.value.returncode == EXIT_INVALID_PARAMS
-    # The stage's own message names the key and value.
     assert "prompts.num_eval_combos = -1" in str(failure.value)
-    # A retry would log the dvc command a second time.
-    assert caplog.text.count("dvc repro --single-item prompts") == 1
+    assert "dvc repro" not in caplog.text
+    assert not (project / "data/prompts").exists()
+
+
+def test_retry_only_transient_failures():
+    assert should_retry(StageFailed("train", returncode=1, tail="killed")) is True
+    assert should_retry(OSError("disk busy")) is True
+    assert should_retry(StageFailed("train", returncode=EXIT_INVALID_PARAMS, tail="invalid")) is False
+    assert should_retry(ParamsError("train.lr = -1")) is False
+
+
+def test_failing_stage_fails_flow_with_its_error(harness, tmp_path, monkeypatch, caplog):
+    project = make_project(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    # A valid params file whose eval prompt list is missing: `evaluate_base` fails in the stage.
+    with pytest.raises(StageFailed) as failure:
+        pipeline(str(project), stages=["evaluate_base"])
+
+    assert failure.value.stage == "evaluate_base"
+    assert failure.value.returncode != 0
+    assert "evaluate_base |" in caplog.text

@@ -51,9 +51,15 @@ def save_lora(adapter: VideoModelAdapter, out_dir: Path) -> Path:
     state = get_peft_model_state_dict(denoiser, adapter_name=ADAPTER_NAME)
     # The metadata carries lora_alpha and the targets; without it a reload assumes alpha = rank.
     metadata_kwarg = adapter.lora_layers_kwarg.replace("_layers", "_adapter_metadata")
+    # peft keeps target_modules as a set, whose order changes between processes; sorting keeps
+    # the file byte-identical across runs, which DVC's caching relies on.
+    metadata = {
+        key: sorted(value) if isinstance(value, set) else value
+        for key, value in denoiser.peft_config[ADAPTER_NAME].to_dict().items()
+    }
     type(adapter.pipe).save_lora_weights(
         save_directory=str(out_dir),
         safe_serialization=True,
-        **{adapter.lora_layers_kwarg: state, metadata_kwarg: denoiser.peft_config[ADAPTER_NAME].to_dict()},
+        **{adapter.lora_layers_kwarg: state, metadata_kwarg: metadata},
     )
     return Path(out_dir) / "pytorch_lora_weights.safetensors"

@@ -1,0 +1,50 @@
+"""The sweep flow queues DVC experiments, runs them with `dvc queue`, and compares them."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.sweep import grid_points, sweep
+from tests.conftest import run_cli
+
+
+def test_grid_points_cover_product():
+    points = grid_points({"train.method": ["dpo", "pgdpo"], "train.seed": ["0", "1"]})
+    assert points == [
+        {"train.method": "dpo", "train.seed": "0"},
+        {"train.method": "dpo", "train.seed": "1"},
+        {"train.method": "pgdpo", "train.seed": "0"},
+        {"train.method": "pgdpo", "train.seed": "1"},
+    ]
+
+
+@pytest.mark.slow
+def test_sweep_runs_queued_experiments(reproduced_project: Path, tmp_path: Path, monkeypatch):
+    project = tmp_path / "project"
+    shutil.copytree(reproduced_project, project, symlinks=True)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(steps=2, probe_every=1)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # Experiments start from the last commit, so the outputs of the first run are committed.
+    run_cli([sys.executable, "-m", "dvc", "repro", "train"], project)
+    run_cli(["git", "add", "-A"], project)
+    run_cli(["git", "commit", "-qm", "baseline"], project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}")
+
+    with prefect_test_harness(server_startup_timeout=120):
+        table = sweep({"train.method": ["dpo", "pgdpo"]}, project_dir=str(project), target="train")
+
+    assert "| sweep-method-dpo | dpo |" in table
+    assert "| sweep-method-pgdpo | pgdpo |" in table
+    records = yaml.safe_load((project / "reports/sweep.json").read_text())
+    assert [record["method"] for record in records] == ["dpo", "pgdpo"]
+    # Two steps with probe_every=1 give probe rows at steps 0, 1 and 2.
+    assert records[0]["probe"]["step"] == [0, 1, 2]
+    assert (project / "reports/sweep_probe.png").stat().st_size > 1000
