@@ -30,7 +30,7 @@ KEEP = 2
 
 @dataclass
 class Resumed:
-    """What a loaded checkpoint restores besides the module and optimizer states."""
+    """Training progress restored from a checkpoint besides the module and optimizer states."""
 
     step: int
     train_rows: list[dict]
