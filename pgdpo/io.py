@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,3 +95,21 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt file {path} contains no prompts; add one prompt per line")
     return prompts
+
+
+def canonicalise_safetensors_header(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors header with sorted keys, in place and at the same length.
+
+    safetensors writes the `__metadata__` entries in hash-map order, which changes between
+    processes, so two saves of the same tensors and metadata can differ in bytes. Tensor
+    offsets are explicit in the header, so reordering its keys changes no data.
+    """
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > length:
+            raise ValueError(f"canonical header of {path} is longer than the original ({len(text)} > {length} bytes)")
+        handle.seek(8)
+        # The format allows trailing spaces in the header; safetensors itself pads with them.
+        handle.write(text + b" " * (length - len(text)))

@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from pgdpo.io import canonicalise_safetensors_header
 from pgdpo.models.adapter import VideoModelAdapter
 
 logger = logging.getLogger(__name__)
@@ -62,4 +63,6 @@ def save_lora(adapter: VideoModelAdapter, out_dir: Path) -> Path:
         safe_serialization=True,
         **{adapter.lora_layers_kwarg: state, metadata_kwarg: metadata},
     )
-    return Path(out_dir) / "pytorch_lora_weights.safetensors"
+    weights = Path(out_dir) / "pytorch_lora_weights.safetensors"
+    canonicalise_safetensors_header(weights)
+    return weights
