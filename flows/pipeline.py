@@ -26,7 +26,7 @@ STAGES = ("prompts", "base", "generate", "score", "label", "train", "evaluate_ba
 
 
 class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero; `returncode` tells whether a retry can help."""
+    """A DVC stage exited non-zero; `returncode` decides whether a retry can help."""
 
     def __init__(self, stage: str, returncode: int, tail: str):
         super().__init__(f"stage {stage} failed with exit code {returncode}:\n{tail}")

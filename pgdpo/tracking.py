@@ -38,7 +38,7 @@ def tracking_uri(project_dir: str | Path | None = None) -> str:
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Raise ConnectionError if an http(s) tracking server does not answer its /health endpoint.
+    """Raise ConnectionError if an http(s) tracking server does not respond on its /health endpoint.
 
     MLflow's own client retries a refused connection for minutes; this check fails in seconds.
     """

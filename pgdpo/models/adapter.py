@@ -1,7 +1,7 @@
 """One interface over text-to-video diffusers pipelines.
 
 `generate`, `label`, `train` and `evaluate` only talk to a `VideoModelAdapter`, so the shapes
-world and a released checkpoint run through the same code. A family adapter says how to
+world and a released checkpoint run through the same code. A family adapter defines how to
 encode prompts and videos, what the denoiser predicts, and how to call it.
 """
 
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 Objective = Literal["flow", "epsilon", "v_prediction"]
 
-# Written next to a pipeline's model_index.json by the `base` stage; holds the video size the
+# Written next to a pipeline's model_index.json by the `base` stage. It contains the video size the
 # model was trained for, so later stages need no copy of it in params.
 SIDECAR = "pgdpo.json"
 
@@ -161,6 +161,29 @@ class VideoModelAdapter:
             )
             clips.append(to_uint8(np.asarray(output.frames)))
         return np.concatenate(clips, axis=0)
+
+
+def shifted_logit_normal(batch_size: int, generator: torch.Generator, shift: float) -> torch.Tensor:
+    """Sample flow-matching noise levels: logit-normal, then the sampler's timestep shift.
+
+    Training then draws the noise levels that sampling visits most.
+    """
+    u = torch.sigmoid(torch.randn(batch_size, generator=generator))
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_matching_inputs(
+    latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, num_train_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (x_t, timesteps, target) of rectified flow for noise levels `sigmas` (B,).
+
+    x_t = (1 - sigma) x0 + sigma e, the velocity target is e - x0, and the denoiser takes sigma
+    scaled to the scheduler's training timesteps.
+    """
+    sigma = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
+    noisy = (1 - sigma) * latents + sigma * noise
+    timesteps = sigmas * num_train_timesteps
+    return noisy, timesteps.to(latents.device), noise - latents
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:

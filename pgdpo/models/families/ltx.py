@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
 
-from pgdpo.models.adapter import VideoModelAdapter, to_uint8
+from pgdpo.models.adapter import VideoModelAdapter, flow_matching_inputs, shifted_logit_normal, to_uint8
 
 
 def pack_prompt(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -112,19 +112,10 @@ class LTXAdapter(VideoModelAdapter):
         return math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        # Logit-normal noise levels, then the shift that sampling uses, so training draws the
-        # noise levels that sampling visits most.
-        u = torch.sigmoid(torch.randn(batch_size, generator=generator))
-        shift = self._shift()
-        return shift * u / (1 + (shift - 1) * u)
+        return shifted_logit_normal(batch_size, generator, self._shift())
 
     def noisy_latents_and_target(self, latents, noise, sigmas):
-        # Rectified flow: x_t = (1 - sigma) x0 + sigma e, velocity target e - x0, and the
-        # transformer takes sigma scaled to the scheduler's 1000 training timesteps.
-        sigma = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
-        noisy = (1 - sigma) * latents + sigma * noise
-        timesteps = sigmas * self.pipe.scheduler.config.num_train_timesteps
-        return noisy, timesteps.to(latents.device), noise - latents
+        return flow_matching_inputs(latents, noise, sigmas, self.pipe.scheduler.config.num_train_timesteps)
 
     def predict(self, noisy, timesteps, prompt_embeds):
         embeds, mask = unpack_prompt(prompt_embeds)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pgdpo.models.adapter import VideoModelAdapter, to_uint8
+from pgdpo.models.adapter import VideoModelAdapter, flow_matching_inputs, shifted_logit_normal, to_uint8
 
 
 class WanAdapter(VideoModelAdapter):
@@ -44,19 +44,10 @@ class WanAdapter(VideoModelAdapter):
         return to_uint8(video.float().cpu().numpy())
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        # Logit-normal noise levels, then the scheduler's shift, so training sees the noise
-        # levels that sampling visits most.
-        u = torch.sigmoid(torch.randn(batch_size, generator=generator))
-        shift = float(self.pipe.scheduler.config.get("shift", 1.0))
-        return shift * u / (1 + (shift - 1) * u)
+        return shifted_logit_normal(batch_size, generator, float(self.pipe.scheduler.config.get("shift", 1.0)))
 
     def noisy_latents_and_target(self, latents, noise, sigmas):
-        # Rectified flow: x_t = (1 - sigma) x0 + sigma e, velocity target e - x0, and the
-        # transformer takes sigma scaled to the scheduler's 1000 training timesteps.
-        sigma = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
-        noisy = (1 - sigma) * latents + sigma * noise
-        timesteps = sigmas * self.pipe.scheduler.config.num_train_timesteps
-        return noisy, timesteps.to(latents.device), noise - latents
+        return flow_matching_inputs(latents, noise, sigmas, self.pipe.scheduler.config.num_train_timesteps)
 
     def predict(self, noisy, timesteps, prompt_embeds):
         return self.denoiser(
