@@ -1,20 +1,26 @@
 """Evaluation: the base and the trained adapter sample the eval prompts from identical seeds,
-and every clip is scored with the oracle, temporal flickering and the training reward."""
+and every clip is scored on the reported dimensions (params.yaml scoring.dimensions), their
+VBench-style omni_total and the training reward."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from pgdpo.scoring.registry import get_scorer, omni_total
 from pgdpo.scoring.table import REPORTED_DIMENSIONS, TOTAL, score_manifest
 from pgdpo.video import read_video
 
 logger = logging.getLogger(__name__)
 
+# Column of the VBench-style weighted total over the reported dimensions (see add_omni_total).
+OMNI_TOTAL = "omni_total"
 
 
 def bootstrap_interval(values: np.ndarray, seed: int, resamples: int = 1000, level: float = 0.95) -> tuple[float, float]:
@@ -26,20 +32,52 @@ def bootstrap_interval(values: np.ndarray, seed: int, resamples: int = 1000, lev
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
-def score_model_videos(manifest: pd.DataFrame, root: Path, reward_weights: dict[str, float]) -> pd.DataFrame:
+def score_model_videos(
+    manifest: pd.DataFrame,
+    root: Path,
+    reward_weights: dict[str, float],
+    dimensions: Sequence[str] = REPORTED_DIMENSIONS,
+    resource_options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> pd.DataFrame:
     """Score one model's eval clips on every reported dimension plus the reward total."""
-    extra = [name for name in REPORTED_DIMENSIONS if name not in reward_weights]
-    return score_manifest(manifest, root, reward_weights, extra_scorers=extra)
+    extra = [name for name in dimensions if name not in reward_weights]
+    return score_manifest(manifest, root, reward_weights, extra_scorers=extra, resource_options=resource_options)
 
 
-def summarise(tables: dict[str, pd.DataFrame], seed: int) -> dict:
+def add_omni_total(
+    tables: dict[str, pd.DataFrame], dimensions: Sequence[str], quality_weight: float, semantic_weight: float
+) -> None:
+    """Add an `omni_total` column to every table, normalising each dimension over all tables together.
+
+    All models share one min-max normalisation, so their totals are comparable. A group
+    with no reported dimension gets weight 0, with a warning.
+    """
+    groups = {get_scorer(name).group for name in dimensions}
+    weights = {"quality": quality_weight, "semantic": semantic_weight}
+    for group in weights:
+        if group not in groups and weights[group] > 0:
+            logger.warning("omni_total: no %s dimension is reported, so the %s group weight is ignored", group, group)
+            weights[group] = 0.0
+    rows = pd.concat([table[list(dimensions)] for table in tables.values()], ignore_index=True).to_dict("records")
+    totals = omni_total(rows, quality_weight=weights["quality"], semantic_weight=weights["semantic"])
+    start = 0
+    for table in tables.values():
+        table[OMNI_TOTAL] = totals[start : start + len(table)]
+        start += len(table)
+
+
+def summarise(tables: dict[str, pd.DataFrame], seed: int, dimensions: Sequence[str] = REPORTED_DIMENSIONS) -> dict:
     """Per model and dimension: mean and 95% bootstrap interval; for non-base models also the
-    difference to the base with the bootstrap interval of the paired per-clip differences."""
+    difference to the base with the bootstrap interval of the paired per-clip differences.
+
+    The dimensions are `dimensions`, then `omni_total` when the tables have it, then `total`.
+    """
     summary: dict = {}
     base = tables["base"]
+    extra = [OMNI_TOTAL] if OMNI_TOTAL in base else []
     for model, table in tables.items():
         block = {}
-        for dimension in (*REPORTED_DIMENSIONS, TOTAL):
+        for dimension in (*dimensions, *extra, TOTAL):
             values = table[dimension].to_numpy()
             low, high = bootstrap_interval(values, seed)
             entry = {"mean": float(values.mean()), "ci_low": low, "ci_high": high}
@@ -100,8 +138,33 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sample_and_score(adapter, prompts: list[str], cfg, root: Path, reward_weights: dict[str, float], name: str):
-    """Sample `cfg.num_videos_per_prompt` clips per eval prompt into `root` and score them.
+def dimension_plot_table(summary: dict) -> pd.DataFrame:
+    """Return one row per dimension with the mean of each model and each model's difference to the base.
+
+    The evaluate stage writes it to plots/eval_dimensions.tsv for dvc.yaml's bar plots.
+    """
+    rows = []
+    for dimension in summary["base"]:
+        row = {"dimension": dimension}
+        for model, block in summary.items():
+            row[model] = block[dimension]["mean"]
+            if model != "base":
+                row[f"{model}_delta"] = block[dimension]["delta"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def sample_and_score(
+    adapter,
+    prompts: list[str],
+    cfg,
+    root: Path,
+    reward_weights: dict[str, float],
+    name: str,
+    dimensions: Sequence[str] = REPORTED_DIMENSIONS,
+    resource_options: Mapping[str, Mapping[str, Any]] | None = None,
+):
+    """Sample `cfg.num_videos_per_prompt` clips per eval prompt into `root` and score them on `dimensions`.
 
     Writes `root/manifest.csv`, `root/videos/` and `root/scores.csv`; returns (manifest, scores).
     """
@@ -113,6 +176,6 @@ def sample_and_score(adapter, prompts: list[str], cfg, root: Path, reward_weight
         num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
         batch_size=cfg.batch_size, desc=f"evaluate {name}",
     )
-    table = score_model_videos(manifest, root, reward_weights)
+    table = score_model_videos(manifest, root, reward_weights, dimensions, resource_options)
     write_table(table, root / "scores.csv")
     return manifest, table

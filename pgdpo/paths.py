@@ -6,6 +6,7 @@ DATA = Path("data")
 TRAIN_PROMPTS = DATA / "prompts" / "train.txt"
 EVAL_PROMPTS = DATA / "prompts" / "eval.txt"
 BASE_MODEL = DATA / "base"
+REWARD_MODEL = DATA / "reward_model"
 CANDIDATES = DATA / "candidates"
 SCORES = DATA / "scores.csv"
 PAIRS = DATA / "pairs"

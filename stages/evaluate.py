@@ -4,11 +4,20 @@ used, and both are compared per dimension with bootstrap intervals."""
 import logging
 
 from pgdpo.config import Params
-from pgdpo.evaluation import contact_sheet, markdown_table, sample_and_score, summarise
-from pgdpo.io import atomic_write_text, read_prompts, read_table, write_json
+from pgdpo.evaluation import (
+    add_omni_total,
+    contact_sheet,
+    dimension_plot_table,
+    markdown_table,
+    sample_and_score,
+    summarise,
+)
+from pgdpo.io import atomic_write_text, read_table, write_json, write_table
 from pgdpo.models import load_base
-from pgdpo.paths import ADAPTER, EVAL_BASE, EVAL_PROMPTS, EVAL_TRAINED, METRICS, REPORTS
+from pgdpo.paths import ADAPTER, EVAL_BASE, EVAL_TRAINED, METRICS, PLOTS, REPORTS
+from pgdpo.scoring.clip import resource_options
 from pgdpo.stage import stage_main
+from pgdpo.suites import load_eval_prompts
 from pgdpo.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -18,17 +27,22 @@ def run(params: Params, tracker: Tracker) -> None:
     cfg = params.evaluate
     adapter = load_base(params)
     adapter.pipe.load_lora_weights(str(ADAPTER))
+    scoring = params.scoring
     trained_manifest, trained_table = sample_and_score(
-        adapter, read_prompts(EVAL_PROMPTS), cfg, EVAL_TRAINED, params.score.weights, "trained"
+        adapter, load_eval_prompts(cfg.prompt_suite, cfg.suite_dimensions), cfg, EVAL_TRAINED, params.score.weights,
+        "trained", dimensions=scoring.dimensions, resource_options=resource_options(scoring),
     )
     manifests = {"base": read_table(EVAL_BASE / "manifest.csv"), "trained": trained_manifest}
     tables = {"base": read_table(EVAL_BASE / "scores.csv"), "trained": trained_table}
     roots = {"base": EVAL_BASE, "trained": EVAL_TRAINED}
-    if manifests["base"]["seed"].tolist() != trained_manifest["seed"].tolist():
+    base_clips = manifests["base"][["prompt", "seed"]].values.tolist()
+    if base_clips != trained_manifest[["prompt", "seed"]].values.tolist():
         raise ValueError(f"{EVAL_BASE} was sampled with other seeds or prompts; run `dvc repro evaluate_base`")
 
-    summary = summarise(tables, seed=cfg.seed)
+    add_omni_total(tables, scoring.dimensions, scoring.quality_weight, scoring.semantic_weight)
+    summary = summarise(tables, seed=cfg.seed, dimensions=scoring.dimensions)
     write_json(METRICS / "eval.json", summary)
+    write_table(dimension_plot_table(summary), PLOTS / "eval_dimensions.tsv")
     sheet = REPORTS / "contact_sheet.png"
     contact_sheet(manifests, roots, cfg.sheet_prompts, sheet)
     report = "# Evaluation: base vs trained\n\nMean over clips; deltas with 95% bootstrap intervals.\n\n"
@@ -39,8 +53,8 @@ def run(params: Params, tracker: Tracker) -> None:
     tracker.log_artifact(sheet)
     tracker.log_artifact(REPORTS / "eval.md")
     for model, root in roots.items():
-        tracker.log_artifact(root / "videos", f"videos/{model}")
+        tracker.log_clips(manifests[model], root, f"videos/{model}", params.tracking.max_logged_clips)
 
 
 if __name__ == "__main__":
-    stage_main("evaluate", run, ["runtime", "base", "score", "evaluate"])
+    stage_main("evaluate", run, ["runtime", "base", "score", "scoring", "evaluate"])

@@ -6,21 +6,26 @@ from the DVC cache.
 
 from pgdpo.config import Params
 from pgdpo.evaluation import sample_and_score
-from pgdpo.io import read_prompts
 from pgdpo.models import load_base
-from pgdpo.paths import EVAL_BASE, EVAL_PROMPTS
+from pgdpo.paths import EVAL_BASE
+from pgdpo.scoring.clip import resource_options
 from pgdpo.scoring.table import TOTAL
 from pgdpo.stage import stage_main
+from pgdpo.suites import load_eval_prompts
 from pgdpo.tracking import Tracker
 
 
 def run(params: Params, tracker: Tracker) -> None:
     adapter = load_base(params)
-    _, table = sample_and_score(adapter, read_prompts(EVAL_PROMPTS), params.evaluate, EVAL_BASE, params.score.weights, "base")
+    prompts = load_eval_prompts(params.evaluate.prompt_suite, params.evaluate.suite_dimensions)
+    _, table = sample_and_score(
+        adapter, prompts, params.evaluate, EVAL_BASE, params.score.weights, "base",
+        dimensions=params.scoring.dimensions, resource_options=resource_options(params.scoring),
+    )
     means = table.drop(columns=["prompt_id", "prompt", "index", "seed", "path"]).mean().to_dict()
     tracker.log_metrics({f"eval/base/{name}": value for name, value in means.items()})
     tracker.log_metrics({"eval/base/clips": len(table), "eval/base/mean_total": float(table[TOTAL].mean())})
 
 
 if __name__ == "__main__":
-    stage_main("evaluate_base", run, ["runtime", "base", "score", "evaluate"])
+    stage_main("evaluate_base", run, ["runtime", "base", "score", "scoring", "evaluate"])

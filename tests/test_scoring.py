@@ -79,8 +79,8 @@ def test_built_in_scorers_registered():
 
 
 def test_unknown_scorer_lists_known():
-    with pytest.raises(ValueError, match="Unknown scorer 'clip_score'") as info:
-        get_scorer("clip_score")
+    with pytest.raises(ValueError, match="Unknown scorer 'imaging_quality'") as info:
+        get_scorer("imaging_quality")
 
     for name in BUILT_IN:
         assert name in str(info.value)

@@ -11,7 +11,7 @@ import abc
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -20,8 +20,9 @@ logger = logging.getLogger(__name__)
 Group = Literal["quality", "semantic"]
 GROUPS: tuple[str, ...] = get_args(Group)
 
-# Inputs a scorer may declare in `needs`. A FunctionScorer passes exactly these as
-# keyword arguments to its function.
+# Per-clip inputs a scorer may declare in `needs`. A scorer may also declare the
+# name of a registered resource (see register_resource), such as a loaded CLIP
+# model. A FunctionScorer passes exactly the declared names as keyword arguments.
 INPUTS: frozenset[str] = frozenset({"frames", "prompt"})
 
 # omni_total gives this value to a dimension whose scores are all equal, because
@@ -31,18 +32,25 @@ CONSTANT_DIMENSION_VALUE = 0.5
 
 
 class Scorer(abc.ABC):
-    """A per-clip metric: `scorer(frames, prompt)` returns a float.
+    """A per-clip metric: `scorer(frames, prompt, **resources)` returns a float.
 
-    Subclasses set `name`, `group` ("quality" or "semantic") and `needs`, the
-    inputs the metric reads ({"frames"} or {"frames", "prompt"}).
+    Subclasses set `name`, `group` ("quality" or "semantic") and `needs`: "frames",
+    optionally "prompt", and the names of registered resources the metric uses.
+    Callers load those resources once with load_resources and pass them as keyword
+    arguments to every call.
     """
 
     name: str
     group: Group
     needs: frozenset[str]
 
+    @property
+    def resources(self) -> frozenset[str]:
+        """Names of the registered resources this scorer needs, besides the per-clip inputs."""
+        return self.needs - INPUTS
+
     @abc.abstractmethod
-    def __call__(self, frames: np.ndarray, prompt: str) -> float:
+    def __call__(self, frames: np.ndarray, prompt: str, **resources: Any) -> float:
         """Score one clip of uint8 RGB frames (F, H, W, 3) generated for `prompt`."""
 
     def __repr__(self) -> str:
@@ -74,9 +82,15 @@ class FunctionScorer(Scorer):
         self.needs = needs
         self.function = function
 
-    def __call__(self, frames: np.ndarray, prompt: str) -> float:
+    def __call__(self, frames: np.ndarray, prompt: str, **resources: Any) -> float:
         validate_clip(frames)
-        inputs = {"frames": frames, "prompt": prompt}
+        missing = sorted(self.resources - set(resources))
+        if missing:
+            raise ValueError(
+                f"Scorer {self.name!r} needs the resources {missing}, which were not passed. "
+                f"Load them with load_resources([scorer], options) and pass them as keyword arguments."
+            )
+        inputs = {"frames": frames, "prompt": prompt, **resources}
         value = float(self.function(**{key: inputs[key] for key in self.needs}))
         if not math.isfinite(value):
             raise ValueError(f"Scorer {self.name!r} returned {value} for prompt {prompt!r}, expected a finite float.")
@@ -85,17 +99,56 @@ class FunctionScorer(Scorer):
 
 _REGISTRY: dict[str, Scorer] = {}
 
+# Resource name -> loader. A loader takes the options of its resource (a mapping,
+# possibly empty) and returns the loaded object, for example a CLIP model.
+_RESOURCES: dict[str, Callable[[Mapping[str, Any]], Any]] = {}
+
+
+def register_resource(name: str, loader: Callable[[Mapping[str, Any]], Any]) -> None:
+    """Register `loader` as the way to build resource `name`, which scorers may then list in `needs`.
+
+    Raises ValueError if `name` is a per-clip input or another loader already has it.
+    Registering the same function again (as a module reload does) replaces the entry.
+    """
+    if not isinstance(name, str) or not name.isidentifier() or name in INPUTS:
+        raise ValueError(
+            f"Invalid resource name {name!r}: expected a Python identifier other than {sorted(INPUTS)}."
+        )
+    existing = _RESOURCES.get(name)
+    if existing is not None and (existing.__module__, existing.__qualname__) != (loader.__module__, loader.__qualname__):
+        raise ValueError(f"Resource name {name!r} is already registered by {existing!r}. Choose another name.")
+    _RESOURCES[name] = loader
+
+
+def load_resources(scorers: Sequence[Scorer], options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Load every resource that `scorers` need, once each, and return them by name.
+
+    `options` maps a resource name to the keyword options of its loader; a resource
+    without an entry gets an empty mapping. Loader errors propagate unchanged,
+    because they name the missing weights and how to provide them.
+    """
+    options = options or {}
+    names = sorted(set().union(*(scorer.resources for scorer in scorers))) if scorers else []
+    loaded = {}
+    for name in names:
+        if name not in _RESOURCES:
+            raise ValueError(f"Unknown resource {name!r}: expected one of {sorted(_RESOURCES) or 'none'}.")
+        logger.info("Loading scoring resource %r", name)
+        loaded[name] = _RESOURCES[name](options.get(name, {}))
+    return loaded
+
 
 def _validate_scorer_fields(name: str, group: str, needs: frozenset[str]) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"Invalid scorer name {name!r}: expected a non-empty str.")
     if group not in GROUPS:
         raise ValueError(f"Invalid group {group!r} for scorer {name!r}: expected one of {', '.join(GROUPS)}.")
-    unknown = needs - INPUTS
+    unknown = needs - INPUTS - set(_RESOURCES)
     if unknown or "frames" not in needs:
         raise ValueError(
-            f"Invalid needs {sorted(needs)} for scorer {name!r}: expected 'frames' and optionally "
-            f"'prompt', from {sorted(INPUTS)}."
+            f"Invalid needs {sorted(needs)} for scorer {name!r}: expected 'frames', optionally "
+            f"'prompt', and registered resources from {sorted(_RESOURCES) or 'none'}. "
+            "Register a resource with register_resource before the scorers that need it."
         )
 
 
