@@ -14,6 +14,9 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# (dtype name, device type) pairs whose ignored autocast was already logged.
+_ignored_autocast: set[tuple[str, str]] = set()
+
 
 def resolve_device(name: str) -> torch.device:
     """Return the torch device for `name` ("cpu", "cuda", "cuda:1" or "auto")."""
@@ -41,7 +44,10 @@ def autocast(device: torch.device, dtype_name: str | None):
     if not dtype_name or dtype_name == "float32":
         return contextlib.nullcontext()
     if device.type != "cuda":
-        logger.info("runtime.autocast=%s ignored on %s", dtype_name, device)
+        # The trainer enters this context twice per step, so the message is logged once per process.
+        if (dtype_name, device.type) not in _ignored_autocast:
+            logger.info("runtime.autocast=%s ignored on %s: autocast applies on CUDA only", dtype_name, device)
+            _ignored_autocast.add((dtype_name, device.type))
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=resolve_dtype(dtype_name))
 

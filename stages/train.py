@@ -1,22 +1,29 @@
-"""Stage `train`: LoRA preference fine-tuning of the base denoiser on the cached pairs."""
+"""Stage `train`: LoRA preference fine-tuning of the base denoiser on the cached pairs.
+
+With `train.num_processes > 1`, the stage relaunches itself through `accelerate launch`,
+and each rank trains on its shard of every batch (see `pgdpo.training.parallel`).
+"""
 
 import hashlib
 import json
 import logging
 import shutil
+import sys
 
 import numpy as np
 import torch
 
-from pgdpo.config import Params
+from pgdpo.config import Params, ParamsError, load_params
 from pgdpo.io import atomic_dir, read_table, write_json, write_table
 from pgdpo.models import load_base
 from pgdpo.pairs import load_latents
-from pgdpo.paths import ADAPTER, CHECKPOINTS, METRICS, PAIRS, PLOTS
-from pgdpo.stage import stage_main
+from pgdpo.paths import ADAPTER, BASE_MODEL, CHECKPOINTS, METRICS, PAIRS, PLOTS
+from pgdpo.runtime import resolve_device
+from pgdpo.stage import setup_logging, stage_main
 from pgdpo.tracking import Tracker
 from pgdpo.video import file_sha256
 from pgdpo.training.lora import add_lora, save_lora
+from pgdpo.training.parallel import DataParallel, relaunch
 from pgdpo.training.trainer import PairData, TrainConfig, normalise_scores, train_preference
 
 logger = logging.getLogger(__name__)
@@ -55,8 +62,13 @@ def run(params: Params, tracker: Tracker) -> None:
     tracker.log_params({"score_normalisation": bounds})
     logger.info("training on %d pairs, probing %d; scores normalised with %s", len(train_pairs), len(probe_pairs), bounds)
 
-    adapter = load_base(params)
+    parallel = DataParallel.from_env()
+    device = parallel.device(resolve_device(params.runtime.device))
+    parallel.start(device)
+    adapter = load_base(params, training=True, device=device)
     add_lora(adapter, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, seed=cfg.seed)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(adapter.denoiser)
     train_cfg = TrainConfig(
         method=cfg.method,
         loss=cfg.loss_config(),
@@ -70,12 +82,17 @@ def run(params: Params, tracker: Tracker) -> None:
         log_every=cfg.log_every,
         seed=cfg.seed,
         autocast=params.runtime.autocast,
+        grad_accum_steps=cfg.grad_accum_steps,
     )
     checkpoints = CHECKPOINTS / training_fingerprint(params)
     train_log, probe_log = train_preference(
         adapter, train_pairs, probe_pairs, train_cfg, on_metrics=tracker.log_metrics,
-        checkpoint_dir=checkpoints, checkpoint_every=cfg.checkpoint_every,
+        checkpoint_dir=checkpoints, checkpoint_every=cfg.checkpoint_every, parallel=parallel,
     )
+    if not parallel.is_main:
+        parallel.stop()
+        logger.info("rank %d finished; rank 0 writes the outputs", parallel.rank)
+        return
 
     with atomic_dir(ADAPTER) as tmp:
         save_lora(adapter, tmp)
@@ -89,7 +106,37 @@ def run(params: Params, tracker: Tracker) -> None:
     shutil.rmtree(checkpoints, ignore_errors=True)
     tracker.log_artifact(ADAPTER, "adapter")
     tracker.log_artifact(PLOTS / "probe.tsv")
+    tracker.log_dataset(PAIRS / "pairs.csv", "pairs", context="training")
+    tracker.log_lora_model(params, BASE_MODEL, ADAPTER)
+    parallel.stop()
+
+
+def enable_gradient_checkpointing(denoiser: torch.nn.Module) -> None:
+    """Recompute the denoiser's block activations during backward instead of storing them."""
+    if not getattr(denoiser, "_supports_gradient_checkpointing", False):
+        raise ParamsError(
+            f"train.gradient_checkpointing: {type(denoiser).__name__} does not support gradient "
+            "checkpointing in diffusers; set train.gradient_checkpointing: false"
+        )
+    denoiser.enable_gradient_checkpointing()
+    logger.info("gradient checkpointing enabled on %s", type(denoiser).__name__)
+
+
+def relaunch_if_parallel() -> None:
+    """Rerun this stage under `accelerate launch` when train.num_processes > 1, and exit with its code.
+
+    Does nothing inside a launched rank, or when params.yaml is invalid (stage_main reports that).
+    """
+    try:
+        num_processes = load_params().train.num_processes
+    except ParamsError:
+        return
+    if num_processes == 1 or DataParallel.from_env().active:
+        return
+    setup_logging()
+    sys.exit(relaunch("stages.train", num_processes))
 
 
 if __name__ == "__main__":
+    relaunch_if_parallel()
     stage_main("train", run, ["runtime", "base", "train"])

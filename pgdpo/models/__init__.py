@@ -9,6 +9,7 @@ import diffusers
 import torch
 from diffusers import DiffusionPipeline
 
+from pgdpo.config import ParamsError
 from pgdpo.models.adapter import VideoModelAdapter, VideoSpec, read_video_spec, write_video_spec
 from pgdpo.models.families.animatediff import AnimateDiffAdapter
 from pgdpo.models.families.cogvideox import CogVideoXAdapter
@@ -16,6 +17,7 @@ from pgdpo.models.families.hunyuan_video import HunyuanVideoAdapter
 from pgdpo.models.families.ltx import LTXAdapter
 from pgdpo.models.families.text_to_video_sd import TextToVideoSDAdapter
 from pgdpo.models.families.wan import WanAdapter
+from pgdpo.models.memory import MemoryOptions, place_pipeline
 from pgdpo.runtime import resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -25,7 +27,20 @@ ADAPTERS: dict[str, type[VideoModelAdapter]] = {
     for cls in (WanAdapter, TextToVideoSDAdapter, AnimateDiffAdapter, CogVideoXAdapter, LTXAdapter, HunyuanVideoAdapter)
 }
 
-__all__ = ["ADAPTERS", "VideoModelAdapter", "VideoSpec", "load_adapter", "read_video_spec", "write_video_spec"]
+__all__ = [
+    "ADAPTERS", "InvalidVideoSpec", "MemoryOptions", "VideoModelAdapter", "VideoSpec", "load_adapter",
+    "memory_options", "read_video_spec", "video_overrides", "write_video_spec",
+]
+
+
+class InvalidVideoSpec(ParamsError):
+    """Raised when a video size breaks the constraints of the pipeline's family."""
+
+    def __init__(self, pipeline_class: str, problems: dict[str, str]):
+        self.pipeline_class = pipeline_class
+        self.problems = problems
+        details = "; ".join(f"{field} = {problem}" for field, problem in problems.items())
+        super().__init__(f"invalid video size for {pipeline_class} (set in base.video, or world for shapes): {details}")
 
 
 def load_adapter(
@@ -35,6 +50,7 @@ def load_adapter(
     revision: str | None = None,
     variant: str | None = None,
     video: dict | None = None,
+    memory: MemoryOptions | None = None,
 ) -> VideoModelAdapter:
     """Load a diffusers pipeline from a hub id or local folder and wrap it in its family adapter.
 
@@ -44,6 +60,11 @@ def load_adapter(
         dtype: weight dtype name ("float32", "bfloat16", "float16").
         revision, variant: passed to `from_pretrained`.
         video: overrides of the video size and sampling defaults (see `VideoSpec`).
+        memory: VAE slicing and tiling, CPU offload, releasing frozen modules (default: all off).
+
+    Raises:
+        ValueError: unsupported pipeline class, or video size unknown.
+        InvalidVideoSpec (a ParamsError): a video size the family's VAE or denoiser cannot take.
     """
     config = DiffusionPipeline.load_config(str(model), revision=revision)
     class_name = config.get("_class_name")
@@ -56,27 +77,65 @@ def load_adapter(
     torch_dtype = resolve_dtype(dtype)
 
     logger.info("loading %s pipeline from %s (dtype %s)", class_name, model, dtype)
+    # Weights load from safetensors only, never from pickled .bin files, and a local folder
+    # never triggers a hub lookup.
     pipe = getattr(diffusers, class_name).from_pretrained(
-        str(model), dtype=torch_dtype, revision=revision, variant=variant
+        str(model), dtype=torch_dtype, revision=revision, variant=variant,
+        use_safetensors=True, local_files_only=Path(str(model)).is_dir(),
     )
-    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 
     local = Path(str(model))
     spec = read_video_spec(local if local.is_dir() else None, video)
-    return adapter_cls(pipe, spec, device, torch_dtype)
+    adapter = adapter_cls(pipe, spec, device, torch_dtype)
+    problems = adapter.video_constraints().violations(spec)
+    if problems:
+        raise InvalidVideoSpec(class_name, problems)
+    place_pipeline(pipe, adapter.denoiser, device, memory or MemoryOptions())
+    return adapter
 
 
-def load_base(params) -> VideoModelAdapter:
-    """Load the base model that `params.base` selects: the shapes-world base or `base.model`."""
+def load_base(params, training: bool = False, device: torch.device | None = None) -> VideoModelAdapter:
+    """Load the base model that `params.base` selects: the shapes-world base or `base.model`.
+
+    The video size of `base.model` comes from `base.video` (over the folder's `pgdpo.json`).
+    With `training=True`, model CPU offload is off and `train.offload_frozen` releases the
+    text encoders and VAE. `device` overrides `runtime.device` (one GPU per training process).
+
+    Raises:
+        ParamsError: the video size breaks the family's constraints, naming the params key.
+    """
     from pgdpo.paths import BASE_MODEL
     from pgdpo.runtime import resolve_device
 
     shapes = params.base.model == "shapes"
-    return load_adapter(
-        BASE_MODEL if shapes else params.base.model,
-        device=resolve_device(params.runtime.device),
-        dtype=params.runtime.dtype,
-        revision=None if shapes else params.base.revision,
-        variant=None if shapes else params.base.variant,
+    try:
+        return load_adapter(
+            BASE_MODEL if shapes else params.base.model,
+            device=device or resolve_device(params.runtime.device),
+            dtype=params.runtime.dtype,
+            revision=None if shapes else params.base.revision,
+            variant=None if shapes else params.base.variant,
+            video=video_overrides(params),
+            memory=memory_options(params, training),
+        )
+    except InvalidVideoSpec as error:
+        section = "world" if shapes else "base.video"
+        lines = [f"invalid video size for {error.pipeline_class} ({params.base.model}):"]
+        lines += [f"  {section}.{field} = {problem}" for field, problem in error.problems.items()]
+        raise ParamsError("\n".join(lines)) from None
+
+
+def video_overrides(params) -> dict | None:
+    """Return `base.video` as `load_adapter` overrides, or None for the shapes base (its size is in pgdpo.json)."""
+    return None if params.base.model == "shapes" else params.base.video.model_dump()
+
+
+def memory_options(params, training: bool = False) -> MemoryOptions:
+    """Return the memory options of `params.runtime`, and for training of `params.train`."""
+    return MemoryOptions(
+        vae_slicing=params.runtime.vae_slicing,
+        vae_tiling=params.runtime.vae_tiling,
+        cpu_offload=params.runtime.cpu_offload and not training,
+        release_frozen=training and params.train.offload_frozen,
     )

@@ -39,6 +39,31 @@ class VideoSpec:
     max_sequence_length: int = 512
 
 
+@dataclass(frozen=True)
+class VideoConstraints:
+    """Video sizes a pipeline accepts: `num_frames` = 1 + k * frame_step, and height and width
+    multiples of `size_multiple` pixels."""
+
+    frame_step: int
+    size_multiple: int
+
+    def violations(self, spec: VideoSpec) -> dict[str, str]:
+        """Return {field: what is wrong and the nearest valid value} for each field of `spec` that breaks a rule."""
+        problems = {}
+        if spec.num_frames < 1 or (spec.num_frames - 1) % self.frame_step:
+            valid = 1 + max(round((spec.num_frames - 1) / self.frame_step), 0) * self.frame_step
+            problems["num_frames"] = (
+                f"{spec.num_frames} is not 1 + k * {self.frame_step} (the VAE's temporal compression); "
+                f"for example use {valid}"
+            )
+        for name in ("height", "width"):
+            value = getattr(spec, name)
+            if value < self.size_multiple or value % self.size_multiple:
+                valid = max(round(value / self.size_multiple), 1) * self.size_multiple
+                problems[name] = f"{value} is not a positive multiple of {self.size_multiple}; for example use {valid}"
+        return problems
+
+
 class VideoModelAdapter:
     """Base class: a diffusers pipeline plus the family-specific pieces training needs.
 
@@ -81,6 +106,10 @@ class VideoModelAdapter:
             "supported: flow matching, 'epsilon' and 'v_prediction'"
         )
 
+    def video_constraints(self) -> VideoConstraints:
+        """Frame-count step and pixel-size multiple of this pipeline (VAE compression times patch size)."""
+        raise NotImplementedError
+
     # ----- encoding -----------------------------------------------------------------
 
     @torch.no_grad()
@@ -122,6 +151,10 @@ class VideoModelAdapter:
 
     # ----- sampling -----------------------------------------------------------------
 
+    def sampling_kwargs(self) -> dict:
+        """Return family-specific `__call__` arguments that `generate` passes on (none by default)."""
+        return {}
+
     @torch.no_grad()
     def generate(
         self,
@@ -158,6 +191,7 @@ class VideoModelAdapter:
                 generator=generators(batch_seeds),
                 output_type="np",
                 max_sequence_length=self.spec.max_sequence_length,
+                **self.sampling_kwargs(),
             )
             clips.append(to_uint8(np.asarray(output.frames)))
         return np.concatenate(clips, axis=0)

@@ -457,7 +457,8 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "ltx": TinyFamily(
         "LTXPipeline",
         build_ltx,
-        {"num_frames": 9, "height": 32, "width": 32, "max_sequence_length": 16},
+        # fps 25 equals LTXPipeline's default frame_rate, which the tests' own pipeline calls use.
+        {"num_frames": 9, "height": 32, "width": 32, "fps": 25, "max_sequence_length": 16},
     ),
     "hunyuan_video": TinyFamily(
         "HunyuanVideoPipeline",

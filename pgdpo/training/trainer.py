@@ -25,6 +25,7 @@ from pgdpo.losses import LossConfig, compute_loss
 from pgdpo.models.adapter import VideoModelAdapter
 from pgdpo.runtime import autocast
 from pgdpo.training.checkpoint import load_latest_checkpoint, save_checkpoint
+from pgdpo.training.parallel import DataParallel
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class TrainConfig:
     log_every: int = 5
     seed: int = 0
     autocast: str = "float32"
+    grad_accum_steps: int = 1
 
 
 @dataclass
@@ -103,7 +105,8 @@ def pair_errors(
     if reference:
         denoiser.disable_adapters()
     try:
-        with torch.set_grad_enabled(not reference), autocast(device, autocast_dtype):
+        # Under an outer no_grad (the probe) the policy pass keeps no graph either.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not reference), autocast(device, autocast_dtype):
             prediction = adapter.predict(noisy.to(adapter.dtype), timesteps, embeds)
     finally:
         if reference:
@@ -113,13 +116,31 @@ def pair_errors(
     return errors, prediction, target
 
 
-def preference_step(
+def reference_errors(
     adapter: VideoModelAdapter, batch: PairData, cfg: TrainConfig, noise: torch.Tensor, sigmas: torch.Tensor
-):
-    """Compute the loss output of one batch (policy with gradient, reference without)."""
-    policy_err, prediction, target = pair_errors(adapter, batch, noise, sigmas, reference=False, autocast_dtype=cfg.autocast)
+) -> torch.Tensor:
+    """Return the reference model's per-sample errors (2B,) of one batch, without a graph."""
     with torch.no_grad():
-        ref_err, _, _ = pair_errors(adapter, batch, noise, sigmas, reference=True, autocast_dtype=cfg.autocast)
+        errors, _, _ = pair_errors(adapter, batch, noise, sigmas, reference=True, autocast_dtype=cfg.autocast)
+    return errors
+
+
+def preference_step(
+    adapter: VideoModelAdapter,
+    batch: PairData,
+    cfg: TrainConfig,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    ref_err: torch.Tensor | None = None,
+):
+    """Compute the loss output of one batch (policy with gradient, reference without).
+
+    `ref_err`, if given, holds the reference errors of this exact batch, noise and sigmas, and
+    replaces the reference pass.
+    """
+    policy_err, prediction, target = pair_errors(adapter, batch, noise, sigmas, reference=False, autocast_dtype=cfg.autocast)
+    if ref_err is None:
+        ref_err = reference_errors(adapter, batch, cfg, noise, sigmas)
     size = len(batch)
     return compute_loss(
         cfg.method,
@@ -135,6 +156,55 @@ def preference_step(
     )
 
 
+def accumulate_gradients(
+    adapter: VideoModelAdapter,
+    batch: PairData,
+    cfg: TrainConfig,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    step: int,
+    parallel: DataParallel,
+) -> list[tuple[int, dict[str, float]]]:
+    """Run forward and backward over this process's `cfg.grad_accum_steps` micro-batches of `batch`.
+
+    Each micro-batch loss is scaled by its share of the global batch, so the gradients summed
+    over micro-batches (and over ranks, after `DataParallel.sum_gradients`) are those of the
+    global batch's mean loss. This is exact for losses that are a mean of per-pair terms.
+    NOTE: kto's reference point and sdpo's lambda with scope='batch' are batch statistics, so
+    with several micro-batches or ranks they are computed per micro-batch and differ from one
+    full batch.
+
+    Returns:
+        (number of pairs, loss metrics) of each micro-batch.
+    """
+    parts = []
+    for rows in np.array_split(parallel.shard(len(batch)), cfg.grad_accum_steps):
+        index = torch.as_tensor(rows, dtype=torch.long)
+        micro = batch.subset(rows)
+        output = preference_step(adapter, micro, cfg, noise[index], sigmas[index])
+        if not torch.isfinite(output.loss):
+            raise FloatingPointError(f"non-finite loss {output.loss.item()} at step {step}, pair ids {micro.pair_ids.tolist()}")
+        (output.loss * (len(rows) / len(batch))).backward()
+        parts.append((len(rows), output.metrics))
+    return parts
+
+
+def combine_metrics(parts: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Merge micro-batch metrics into those of the whole batch: minima and maxima as such, the rest
+    as means weighted by pair count."""
+    total = sum(count for count, _ in parts)
+    merged = {}
+    for key in parts[0][1]:
+        values = [metrics[key] for _, metrics in parts]
+        if key.endswith("_min"):
+            merged[key] = min(values)
+        elif key.endswith("_max"):
+            merged[key] = max(values)
+        else:
+            merged[key] = sum(count * metrics[key] for count, metrics in parts) / total
+    return merged
+
+
 class LikelihoodProbe:
     """Chosen and rejected error differences on fixed held-out pairs, timesteps and noise."""
 
@@ -147,10 +217,15 @@ class LikelihoodProbe:
         generator = torch.Generator().manual_seed(cfg.seed + 7919)
         self.noise = torch.randn(self.batch.chosen.shape, generator=generator)
         self.sigmas = torch.tensor(PROBE_SIGMAS * len(probe), dtype=torch.float32)
+        # The reference (adapters disabled) never changes and the probe inputs are fixed, so its
+        # errors are computed at the first measurement and reused, which halves the probe's cost.
+        self.ref_err: torch.Tensor | None = None
 
     @torch.no_grad()
     def measure(self) -> dict[str, float]:
-        output = preference_step(self.adapter, self.batch, self.cfg, self.noise, self.sigmas)
+        if self.ref_err is None:
+            self.ref_err = reference_errors(self.adapter, self.batch, self.cfg, self.noise, self.sigmas)
+        output = preference_step(self.adapter, self.batch, self.cfg, self.noise, self.sigmas, ref_err=self.ref_err)
         return output.metrics
 
 
@@ -162,11 +237,14 @@ def train_preference(
     on_metrics: MetricsCallback | None = None,
     checkpoint_dir: Path | None = None,
     checkpoint_every: int = 0,
+    parallel: DataParallel | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run `cfg.steps` optimizer steps of preference training on the LoRA parameters.
 
     With `checkpoint_dir` and `checkpoint_every > 0`, a checkpoint is written every
     `checkpoint_every` steps, and training resumes from the newest checkpoint found there.
+    With an active `parallel`, each rank trains on its shard of every batch, and only rank 0
+    runs the probe and writes checkpoints. Its logs hold the metrics of the whole batch.
 
     Returns:
         (train log, probe log): one row per step with every loss metric and the gradient norm,
@@ -186,6 +264,8 @@ def train_preference(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     generator = torch.Generator().manual_seed(cfg.seed)
     probe_runner = LikelihoodProbe(adapter, probe, cfg)
+    parallel = parallel or DataParallel()
+    parallel.broadcast_parameters(parameters)
 
     train_rows: list[dict] = []
     probe_rows: list[dict] = []
@@ -194,7 +274,7 @@ def train_preference(
     if resumed is not None:
         first_step = resumed.step + 1
         train_rows, probe_rows = resumed.train_rows, resumed.probe_rows
-    else:
+    elif parallel.is_main:
         probe_rows.append({"step": 0, **probe_runner.measure()})
 
     denoiser.train()
@@ -204,23 +284,22 @@ def train_preference(
         noise = torch.randn(batch.chosen.shape, generator=generator)
         sigmas = adapter.sample_timesteps(len(batch), generator)
 
-        output = preference_step(adapter, batch, cfg, noise, sigmas)
-        if not torch.isfinite(output.loss):
-            raise FloatingPointError(f"non-finite loss {output.loss.item()} at step {step}, pair ids {batch.pair_ids.tolist()}")
         optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
+        parts = accumulate_gradients(adapter, batch, cfg, noise, sigmas, step, parallel)
+        parallel.sum_gradients(parameters)
+        loss_metrics = combine_metrics([part for rank_parts in parallel.gather(parts) for part in rank_parts])
         grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm))
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {step}, pair ids {batch.pair_ids.tolist()}")
         optimizer.step()
         schedule.step()
 
-        metrics = {**output.metrics, "grad_norm": grad_norm, "lr": schedule.get_last_lr()[0]}
+        metrics = {**loss_metrics, "grad_norm": grad_norm, "lr": schedule.get_last_lr()[0]}
         train_rows.append({"step": step, **metrics})
         if on_metrics and (step % cfg.log_every == 0 or step == cfg.steps):
             on_metrics({f"train/{key}": value for key, value in metrics.items()}, step)
 
-        if step % cfg.probe_every == 0 or step == cfg.steps:
+        if parallel.is_main and (step % cfg.probe_every == 0 or step == cfg.steps):
             denoiser.eval()
             probe_metrics = probe_runner.measure()
             denoiser.train()
@@ -228,7 +307,7 @@ def train_preference(
             if on_metrics:
                 on_metrics({f"probe/{key}": value for key, value in probe_metrics.items()}, step)
 
-        if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps:
+        if parallel.is_main and checkpoint_dir and checkpoint_every and step % checkpoint_every == 0 and step < cfg.steps:
             save_checkpoint(checkpoint_dir, step, denoiser, optimizer, schedule, generator, train_rows, probe_rows)
 
     denoiser.eval()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from pgdpo.models.adapter import VideoModelAdapter, to_uint8
+from pgdpo.models.adapter import VideoConstraints, VideoModelAdapter, to_uint8
 
 
 class CogVideoXAdapter(VideoModelAdapter):
@@ -19,6 +21,12 @@ class CogVideoXAdapter(VideoModelAdapter):
     pipeline_class = "CogVideoXPipeline"
     # Attention projections of the joint text-video attention, the usual LoRA targets for CogVideoX.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def video_constraints(self) -> VideoConstraints:
+        # CogVideoXPipeline.check_inputs requires multiples of 8, and the transformer patchifies latents.
+        patch = self.denoiser.config.patch_size
+        spatial = self.pipe.vae_scale_factor_spatial
+        return VideoConstraints(self.pipe.vae_scale_factor_temporal, math.lcm(8, spatial * patch))
 
     @torch.no_grad()
     def encode_videos(self, frames: np.ndarray) -> torch.Tensor:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import numpy as np
 import torch
 
-from pgdpo.models.adapter import VideoModelAdapter, flow_matching_inputs, shifted_logit_normal, to_uint8
+from pgdpo.models.adapter import VideoConstraints, VideoModelAdapter, flow_matching_inputs, shifted_logit_normal, to_uint8
 
 
 def pack_prompt(embeds: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -50,6 +51,12 @@ class HunyuanVideoAdapter(VideoModelAdapter):
     # Attention projections of the text token refiner, of the video stream of the dual-stream
     # blocks and of the single-stream blocks. The text stream's add_*_proj layers stay frozen.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def video_constraints(self) -> VideoConstraints:
+        # HunyuanVideoPipeline.check_inputs requires multiples of 16, and the transformer patchifies latents.
+        patch = self.denoiser.config.patch_size
+        spatial = self.pipe.vae_scale_factor_spatial
+        return VideoConstraints(self.pipe.vae_scale_factor_temporal, math.lcm(16, spatial * patch))
 
     @property
     def guidance_scale(self) -> float:

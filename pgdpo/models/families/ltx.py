@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 
 import numpy as np
 import torch
 from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
 
-from pgdpo.models.adapter import VideoModelAdapter, flow_matching_inputs, shifted_logit_normal, to_uint8
+from pgdpo.models.adapter import VideoConstraints, VideoModelAdapter, flow_matching_inputs, shifted_logit_normal, to_uint8
+
+logger = logging.getLogger(__name__)
 
 
 def pack_prompt(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -49,13 +52,29 @@ class LTXAdapter(VideoModelAdapter):
     # Attention projections of self- and cross-attention, the usual LoRA targets for LTX-Video.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
 
+    def video_constraints(self) -> VideoConstraints:
+        # LTXPipeline.check_inputs requires multiples of 32, and the transformer patchifies latents.
+        patch = self.denoiser.config.patch_size
+        spatial = self.pipe.vae_spatial_compression_ratio
+        return VideoConstraints(self.pipe.vae_temporal_compression_ratio, math.lcm(32, spatial * patch))
+
+    def __init__(self, pipe, spec, device, dtype):
+        super().__init__(pipe, spec, device, dtype)
+        default = inspect.signature(type(pipe).__call__).parameters["frame_rate"].default
+        if spec.fps != default:
+            logger.warning(
+                "LTX-Video trains and samples with frame_rate=%d from base.video.fps, while LTXPipeline "
+                "defaults to %d; set base.video.fps: %d to use the default rotary positions",
+                spec.fps, default, default,
+            )
+
     @property
     def frame_rate(self) -> float:
-        """Frame rate in the transformer's rotary position scale: the default of the pipeline's `__call__`.
+        """Frame rate in the transformer's rotary position scale: `spec.fps`, which `generate` also passes."""
+        return float(self.spec.fps)
 
-        `generate` passes no frame rate, so training uses the value that sampling uses.
-        """
-        return float(inspect.signature(type(self.pipe).__call__).parameters["frame_rate"].default)
+    def sampling_kwargs(self) -> dict:
+        return {"frame_rate": self.spec.fps}
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ from diffusers import UNet3DConditionModel
 from diffusers.loaders import PeftAdapterMixin
 from tqdm.auto import tqdm
 
-from pgdpo.models.adapter import VideoModelAdapter, to_uint8
+from pgdpo.models.adapter import VideoConstraints, VideoModelAdapter, to_uint8
 from pgdpo.runtime import generators
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ class TextToVideoSDAdapter(VideoModelAdapter):
         if not isinstance(pipe.unet, PeftAdapterMixin):
             pipe.unet.__class__ = PeftUNet3DConditionModel
             logger.info("added diffusers' PEFT methods to the loaded UNet3DConditionModel for LoRA")
+
+    def video_constraints(self) -> VideoConstraints:
+        # The image VAE encodes each frame alone, so any frame count works; check_inputs requires multiples of 8.
+        return VideoConstraints(1, math.lcm(8, self.pipe.vae_scale_factor))
 
     @property
     def denoiser(self) -> torch.nn.Module:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from pgdpo.models.adapter import VideoModelAdapter, flow_matching_inputs, shifted_logit_normal, to_uint8
+from pgdpo.models.adapter import VideoConstraints, VideoModelAdapter, flow_matching_inputs, shifted_logit_normal, to_uint8
 
 
 class WanAdapter(VideoModelAdapter):
@@ -15,6 +17,12 @@ class WanAdapter(VideoModelAdapter):
     pipeline_class = "WanPipeline"
     # Attention projections of self- and cross-attention, the usual LoRA targets for Wan.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def video_constraints(self) -> VideoConstraints:
+        # WanPipeline.check_inputs requires multiples of 16, and the transformer patchifies latents.
+        patch = self.denoiser.config.patch_size[1]
+        spatial = self.pipe.vae_scale_factor_spatial
+        return VideoConstraints(self.pipe.vae_scale_factor_temporal, math.lcm(16, spatial * patch))
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         config = self.pipe.vae.config
