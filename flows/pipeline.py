@@ -4,6 +4,12 @@ Each task runs `dvc repro --single-item <stage>`, so DVC still skips a stage who
 unchanged, and streams the stage's output into the Prefect log. The flow opens the MLflow
 parent run and passes its id to every stage through `PGDPO_PARENT_RUN_ID`.
 
+Every stage task has a timeout (`DEFAULT_TIMEOUTS_S`, overridden per stage by the flow parameter
+`stage_timeouts`); a stage that runs past it is stopped with its whole process group and is not
+retried. At the end the flow publishes two Prefect artifacts: `pipeline-report` (reports/eval.md
+plus the MLflow run ids, links for an http tracking server) and `pairs-summary` (a table of pair
+counts and reward margins from data/pairs/pairs.csv).
+
 Run it with `python -m flows.pipeline` (ephemeral Prefect, no server needed) or against a
 server started with `prefect server start` after `prefect config set PREFECT_API_URL=...`.
 """
@@ -11,6 +17,7 @@ server started with `prefect server start` after `prefect config set PREFECT_API
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +29,19 @@ from pgdpo.config import ParamsError, load_params
 from pgdpo.stage import EXIT_INVALID_PARAMS
 
 PROGRESS_INTERVAL_S = 15.0
-STAGES = ("prompts", "base", "generate", "score", "label", "train", "evaluate_base", "evaluate")
+# Per-stage task timeouts in seconds, sized for a real model on one GPU; the shapes world needs
+# minutes. Stages missing here get DEFAULT_TIMEOUT_S.
+DEFAULT_TIMEOUT_S = 4 * 3600.0
+DEFAULT_TIMEOUTS_S = {
+    "base": 24 * 3600.0,
+    "generate": 12 * 3600.0,
+    "train": 24 * 3600.0,
+    "evaluate_base": 12 * 3600.0,
+    "evaluate": 12 * 3600.0,
+}
+# Seconds a stopped stage gets to exit after SIGTERM before SIGKILL.
+STOP_GRACE_S = 10.0
+STAGES = ("prompts", "base", "generate", "reward_model", "score", "label", "train", "evaluate_base", "evaluate")
 
 
 class StageFailed(RuntimeError):
@@ -35,7 +54,9 @@ class StageFailed(RuntimeError):
 
 
 def should_retry(error: BaseException) -> bool:
-    """Return False for invalid params, which fail the same way every time, else True."""
+    """Return False for invalid params and timeouts, which would fail the same way again, else True."""
+    if isinstance(error, TimeoutError):
+        return False
     if isinstance(error, StageFailed):
         return error.returncode != EXIT_INVALID_PARAMS
     return not isinstance(error, ParamsError)
@@ -59,27 +80,83 @@ def run_stage(stage: str, project_dir: str, env: dict[str, str]) -> None:
     # DVC runs each stage's `python -m stages.<name>` through the shell, so this interpreter's
     # folder goes first on PATH for the stage to use the same environment as the flow.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    # A new session gives DVC and the stage it starts one process group, so a timeout stops both.
     process = subprocess.Popen(
         command, cwd=project_dir, env={**os.environ, **env, "PATH": path}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, bufsize=1,
+        stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
     )
     tail: list[str] = []
     last_progress = 0.0
     assert process.stdout is not None
-    for line in process.stdout:
-        line = line.rstrip().split("\r")[-1]
-        if not line:
-            continue
-        tail = (tail + [line])[-40:]
-        # Progress bars update many times a second; keep one update every PROGRESS_INTERVAL_S.
-        if "%|" in line:
-            if time.monotonic() - last_progress < PROGRESS_INTERVAL_S:
+    try:
+        for line in process.stdout:
+            line = line.rstrip().split("\r")[-1]
+            if not line:
                 continue
-            last_progress = time.monotonic()
-        logger.info("%s | %s", stage, line)
-    returncode = process.wait()
+            tail = (tail + [line])[-40:]
+            # Progress bars update many times a second; keep one update every PROGRESS_INTERVAL_S.
+            if "%|" in line:
+                if time.monotonic() - last_progress < PROGRESS_INTERVAL_S:
+                    continue
+                last_progress = time.monotonic()
+            logger.info("%s | %s", stage, line)
+        returncode = process.wait()
+    finally:
+        # Reached with the process still running when Prefect's timeout interrupts this task.
+        if process.poll() is None:
+            logger.error("stopping stage %s (process group %d)", stage, process.pid)
+            stop_process_group(process)
     if returncode != 0:
         raise StageFailed(stage, returncode, "\n".join(tail))
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """Send SIGTERM to the process group of `process`, then SIGKILL after STOP_GRACE_S."""
+    for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def stage_timeout(stage: str, overrides: dict[str, float] | None) -> float:
+    """Return the timeout of `stage` in seconds: the override, else DEFAULT_TIMEOUTS_S, else DEFAULT_TIMEOUT_S."""
+    timeout = (overrides or {}).get(stage, DEFAULT_TIMEOUTS_S.get(stage, DEFAULT_TIMEOUT_S))
+    if timeout <= 0:
+        raise ValueError(f"stage_timeouts[{stage!r}] = {timeout}; a timeout must be a positive number of seconds")
+    return float(timeout)
+
+
+@task
+def publish_artifacts(project_dir: str, run_id: str) -> None:
+    """Publish the evaluation report with the MLflow runs, and the pairs summary, as Prefect artifacts."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from flows.artifacts import pairs_description, pairs_summary_rows, pipeline_report_markdown
+    from pgdpo.tracking import tracking_uri
+
+    project = Path(project_dir)
+    uri = tracking_uri(project_dir)
+    try:
+        report = pipeline_report_markdown(project, uri, run_id)
+    except Exception as error:  # noqa: BLE001 - the stages succeeded; a missing report must not fail the run
+        get_run_logger().warning(
+            "could not read MLflow run %s from %s (%s); no pipeline-report artifact", run_id, uri, error
+        )
+    else:
+        create_markdown_artifact(
+            markdown=report, key="pipeline-report", description="Evaluation report and MLflow runs of this pipeline run"
+        )
+    rows = pairs_summary_rows(project)
+    if rows:
+        create_table_artifact(table=rows, key="pairs-summary", description=pairs_description(project))
+    else:
+        get_run_logger().info("no data/pairs/pairs.csv in %s; no pairs-summary artifact", project_dir)
 
 
 @task(retries=2, retry_delay_seconds=5)
@@ -108,19 +185,30 @@ def close_parent_run(project_dir: str, run_id: str, status: str) -> None:
 
 
 @flow(name="pgdpo-pipeline", log_prints=False)
-def pipeline(project_dir: str = ".", stages: list[str] | None = None) -> str:
-    """Run the DVC stages in order (all by default) under one MLflow parent run; return its id."""
+def pipeline(
+    project_dir: str = ".", stages: list[str] | None = None, stage_timeouts: dict[str, float] | None = None
+) -> str:
+    """Run the DVC stages in order (all by default) under one MLflow parent run; return its id.
+
+    Args:
+        project_dir: the DVC project root.
+        stages: stage names to run, in order; None runs STAGES.
+        stage_timeouts: seconds per stage name, replacing DEFAULT_TIMEOUTS_S for those stages.
+    """
     project = str(Path(project_dir).resolve())
     experiment = load_params(Path(project) / "params.yaml").tracking.experiment
+    selected = list(stages or STAGES)
+    timeouts = {stage: stage_timeout(stage, stage_timeouts) for stage in selected}
     parent = open_parent_run(project, experiment)
     env = {"PGDPO_PARENT_RUN_ID": parent}
     status = "FAILED"
     try:
-        for stage in stages or STAGES:
-            run_stage(stage, project, env)
+        for stage in selected:
+            run_stage.with_options(timeout_seconds=timeouts[stage])(stage, project, env)
         status = "FINISHED"
     finally:
         close_parent_run(project, parent, status)
+    publish_artifacts(project, parent)
     return parent
 
 

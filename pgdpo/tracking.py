@@ -8,14 +8,23 @@ The parent run is found in this order:
 
 The tracking URI is `MLFLOW_TRACKING_URI` when set, else `sqlite:///mlflow.db` in the
 current folder (the project root when DVC runs a stage).
+
+Every stage run is tagged with the git commit, the stage name, the DVC experiment name (inside
+`dvc exp run`) and `pgdpo.dvc_stage_md5`: the md5 of the stage's command, dependency checksums
+and params values, computed with DVC's own hashing when the stage starts. These are the fields
+DVC writes to the stage's entry in dvc.lock after the run, and `lock_fingerprint` computes the
+same md5 from that entry, so a run can be matched to its dvc.lock entry.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import subprocess
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -29,6 +38,8 @@ logger = logging.getLogger(__name__)
 PARENT_ENV = "PGDPO_PARENT_RUN_ID"
 PIPELINE_KEY_TAG = "pgdpo.pipeline_key"
 STAGE_TAG = "pgdpo.stage"
+STAGE_MD5_TAG = "pgdpo.dvc_stage_md5"
+DVC_EXP_TAG = "pgdpo.dvc_exp"
 
 
 def tracking_uri(project_dir: str | Path | None = None) -> str:
@@ -75,6 +86,65 @@ def dvc_invocation_key() -> str | None:
     return None
 
 
+def lock_fingerprint(entry: dict[str, Any]) -> str:
+    """Return the md5 of a dvc.lock stage entry's cmd, dependency checksums and params values.
+
+    Outputs are left out because they do not exist yet when a stage starts.
+    """
+    deps = sorted((dep["path"], dep.get("md5") or dep.get("etag") or dep.get("checksum")) for dep in entry.get("deps", []))
+    canonical = {"cmd": entry.get("cmd"), "deps": deps, "params": entry.get("params", {})}
+    return hashlib.md5(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def dvc_stage_entry(stage: str, project_dir: str | Path = ".") -> dict[str, Any] | None:
+    """Return the dvc.lock-style entry (cmd, deps with md5, params) of `stage` as DVC hashes it now.
+
+    Returns None, with a warning, outside a DVC project or when DVC fails; tracking then goes on
+    without the stage hash and dataset checksums.
+    """
+    try:
+        from dvc.dependency.param import ParamsDependency
+        from dvc.repo import Repo
+
+        with Repo(str(project_dir)) as repo:
+            (dvc_stage,) = repo.stage.collect(stage)
+            deps, params = [], {}
+            for dep in dvc_stage.deps:
+                dep.save()
+                if isinstance(dep, ParamsDependency):
+                    params[dep.def_path] = dep.hash_info.value
+                else:
+                    deps.append({"path": dep.def_path, "md5": dep.hash_info.value})
+            return {"cmd": dvc_stage.cmd, "deps": deps, "params": params}
+    except Exception as error:  # noqa: BLE001 - the hash is metadata; the stage must still run
+        logger.warning("could not hash DVC stage %s (%s); its run gets no %s tag", stage, error, STAGE_MD5_TAG)
+        return None
+
+
+def dvc_checksum(entry: dict[str, Any] | None, path: str | Path) -> str | None:
+    """Return the DVC md5 of `path` from a stage entry: its own dep, else the folder dep that contains it."""
+    if entry is None:
+        return None
+    target = Path(path)
+    for dep in entry["deps"]:
+        if Path(dep["path"]) == target:
+            return dep["md5"]
+    for dep in entry["deps"]:
+        if Path(dep["path"]) in target.parents:
+            return dep["md5"]
+    return None
+
+
+def read_dataset_table(path: str | Path):
+    """Read a stage input as a DataFrame: a prompt list (.txt) becomes one `prompt` column."""
+    import pandas as pd
+
+    path = Path(path)
+    if path.suffix == ".txt":
+        return pd.DataFrame({"prompt": [line for line in path.read_text().splitlines() if line.strip()]})
+    return pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
+
+
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Flatten nested dicts to dotted keys, e.g. {"lora": {"rank": 8}} -> {"lora.rank": 8}."""
     flat: dict[str, Any] = {}
@@ -90,8 +160,9 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Tracker:
     """Thin wrapper over the active MLflow run; a disabled tracker drops every call."""
 
-    def __init__(self, run_id: str | None):
+    def __init__(self, run_id: str | None, dvc_entry: dict[str, Any] | None = None):
         self.run_id = run_id
+        self.dvc_entry = dvc_entry
 
     @property
     def enabled(self) -> bool:
@@ -124,6 +195,56 @@ class Tracker:
             import mlflow
 
             mlflow.set_tags(tags)
+
+    def log_clips(self, manifest, root: str | Path, artifact_path: str, limit: int) -> int:
+        """Log the first `limit` clips of `manifest` as MP4 plus a PNG poster of the middle frame.
+
+        Returns the number of clips logged.
+        """
+        if not self.enabled or limit <= 0:
+            return 0
+        import mlflow
+        from PIL import Image
+
+        from pgdpo.video import read_video
+
+        records = manifest.head(limit).to_dict("records")
+        with tempfile.TemporaryDirectory(prefix="pgdpo-posters-") as folder:
+            for record in records:
+                clip = Path(root) / record["path"]
+                frames = read_video(clip)
+                poster = Path(folder) / f"{clip.stem}.png"
+                Image.fromarray(frames[len(frames) // 2]).save(poster)
+                mlflow.log_artifact(str(clip), artifact_path=artifact_path)
+                mlflow.log_artifact(str(poster), artifact_path=artifact_path)
+        return len(records)
+
+    def log_lora_model(self, params, base_dir: str | Path, adapter_dir: str | Path) -> str | None:
+        """Log the LoRA as a pyfunc model registered as `tracking.registered_model`; null skips it.
+
+        Returns the model URI, or None when nothing was logged.
+        """
+        name = params.tracking.registered_model
+        if not self.enabled or name is None:
+            return None
+        from pgdpo.mlflow_model import log_lora_model
+
+        return log_lora_model(params, Path(base_dir), Path(adapter_dir), name)
+
+    def log_dataset(self, path: str | Path, name: str, dvc_path: str | Path | None = None, context: str = "input") -> None:
+        """Log the table at `path` as an MLflow dataset input, with its DVC md5 as the digest.
+
+        The digest is the checksum DVC records for `dvc_path` (default `path`) or for the tracked
+        folder that contains it; a folder's checksum ends in ".dir". Without one, MLflow's own
+        hash of the DataFrame is the digest.
+        """
+        if not self.enabled:
+            return
+        import mlflow
+
+        checksum = dvc_checksum(self.dvc_entry, dvc_path or path)
+        dataset = mlflow.data.from_pandas(read_dataset_table(path), source=str(path), name=name, digest=checksum)
+        mlflow.log_input(dataset, context=context, tags={"dvc.path": str(dvc_path or path)})
 
 
 def find_or_create_parent(client, experiment_id: str, key: str) -> str:
@@ -169,9 +290,15 @@ def stage_run(stage: str, experiment: str, params: dict[str, Any], required: boo
         yield Tracker(None)
         return
 
-    tracker = Tracker(run.info.run_id)
+    entry = dvc_stage_entry(stage)
+    tracker = Tracker(run.info.run_id, entry)
     commit = git_commit()
-    tracker.set_tags({"git.commit": commit or "unknown"})
+    tags = {"git.commit": commit or "unknown"}
+    if entry is not None:
+        tags[STAGE_MD5_TAG] = lock_fingerprint(entry)
+    if os.environ.get("DVC_EXP_NAME"):
+        tags[DVC_EXP_TAG] = os.environ["DVC_EXP_NAME"]
+    tracker.set_tags(tags)
     tracker.log_params(params)
     status = "FAILED"
     try:

@@ -22,6 +22,7 @@ def run(params: Params, tracker: Tracker) -> None:
     tracker.log_metrics({f"label/{key}": value for key, value in asdict(stats).items()})
     tracker.log_metrics({"label/mean_margin": float(pairs["margin"].mean())})
     tracker.log_artifact(PAIRS / "pairs.csv")
+    tracker.log_dataset(SCORES, "scores")
 
 
 if __name__ == "__main__":

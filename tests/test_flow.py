@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
+from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import StageFailed, pipeline, should_retry
+from flows.artifacts import pairs_description, pairs_summary_rows
+from flows.pipeline import StageFailed, pipeline, should_retry, stage_timeout
 from pgdpo.config import ParamsError
 from pgdpo.stage import EXIT_INVALID_PARAMS
 from tests.conftest import make_project
@@ -67,3 +70,54 @@ def test_failing_stage_fails_flow_with_its_error(harness, tmp_path, monkeypatch,
     assert failure.value.stage == "evaluate_base"
     assert failure.value.returncode != 0
     assert "evaluate_base |" in caplog.text
+
+
+def test_stage_timeout_stops_stage(harness, tmp_path, monkeypatch, caplog):
+    project = make_project(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+
+    with pytest.raises(TimeoutError):
+        pipeline(str(project), stages=["prompts"], stage_timeouts={"prompts": 1.0})
+
+    assert "stopping stage prompts" in caplog.text
+    assert not (project / "data/prompts/train.txt").exists()
+
+
+def test_timeouts_are_not_retried():
+    assert should_retry(TimeoutError("stage ran past its timeout")) is False
+
+
+def test_stage_timeout_rejects_zero():
+    with pytest.raises(ValueError, match="stage_timeouts\\['train'\\] = 0"):
+        stage_timeout("train", {"train": 0})
+
+
+def test_pipeline_publishes_report_artifact(harness, tmp_path, monkeypatch):
+    project = make_project(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    parent_id = pipeline(str(project), stages=["prompts"])
+
+    artifact = Artifact.get("pipeline-report")
+    assert artifact is not None
+    assert parent_id in artifact.data
+    assert "| prompts |" in artifact.data
+    assert "reports/eval.md was not written by this run" in artifact.data
+
+
+def test_pairs_summary_counts_and_margins(tmp_path):
+    pairs_dir = tmp_path / "data/pairs"
+    pairs_dir.mkdir(parents=True)
+    pd.DataFrame({
+        "prompt": ["a", "a", "b", "c"],
+        "margin": [0.1, 0.3, 0.5, 0.2],
+        "split": ["train", "train", "train", "probe"],
+    }).to_csv(pairs_dir / "pairs.csv", index=False)
+    (pairs_dir / "summary.json").write_text('{"dropped_small_margin": 2, "pairs": 4}')
+
+    rows = {row["split"]: row for row in pairs_summary_rows(tmp_path)}
+    assert rows["train"]["pairs"] == 3
+    assert rows["train"]["prompts"] == 2
+    assert rows["train"]["margin_mean"] == 0.3
+    assert rows["probe"]["margin_max"] == 0.2
+    assert rows["all"]["pairs"] == 4
+    assert "dropped_small_margin: 2" in pairs_description(tmp_path)

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.sweep import grid_points, sweep
+from flows.sweep import METRICS, best_experiment, grid_points, set_best_alias, sweep
+from pgdpo.tracking import DVC_EXP_TAG
 from tests.conftest import run_cli
 
 
@@ -48,3 +50,28 @@ def test_sweep_runs_queued_experiments(reproduced_project: Path, tmp_path: Path,
     # Two steps with probe_every=1 give probe rows at steps 0, 1 and 2.
     assert records[0]["probe"]["step"] == [0, 1, 2]
     assert (project / "reports/sweep_probe.png").stat().st_size > 1000
+
+
+def sweep_record(name: str, method: str, reward: float) -> dict:
+    return {"name": name, "method": method, "seed": 0, "metrics": {label: 0.0 for label in METRICS} | {"eval reward": reward}}
+
+
+def test_best_experiment_by_metric():
+    records = [sweep_record("sweep-a", "dpo", 0.2), sweep_record("sweep-b", "pgdpo", 0.5)]
+    assert best_experiment(records, "eval reward") == "sweep-b"
+    assert best_experiment(records, "eval reward", higher_is_better=False) == "sweep-a"
+    with pytest.raises(ValueError, match="unknown sweep metric 'accuracy'"):
+        best_experiment(records, "accuracy")
+
+
+def test_best_alias_points_at_experiment_version(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("pgdpo")
+    client.create_registered_model("pgdpo-lora")
+    for name in ("sweep-a", "sweep-b", "sweep-a"):
+        run = client.create_run(experiment_id, tags={DVC_EXP_TAG: name})
+        client.create_model_version("pgdpo-lora", source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+
+    assert set_best_alias(client, "pgdpo-lora", "sweep-a", "best") == "3"
+    assert str(client.get_model_version_by_alias("pgdpo-lora", "best").version) == "3"
+    assert set_best_alias(client, "pgdpo-lora", "sweep-missing", "best") is None

@@ -1,4 +1,4 @@
-"""Stage behaviour when the MLflow tracking server is unreachable."""
+"""MLflow tracking of stages: unreachable servers, and the DVC stage hash and checksums in run tags."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import make_project, project_env
+import yaml
+
+from pgdpo.tracking import dvc_checksum, dvc_stage_entry, lock_fingerprint
+from tests.conftest import make_project, project_env, run_cli
 
 
 def closed_loopback_port() -> int:
@@ -40,3 +43,39 @@ def test_optional_tracking_writes_outputs(tmp_path):
     assert result.stderr.count("WARNING pgdpo.tracking") == 1
     assert uri in result.stderr
     assert len((project / "data/prompts/train.txt").read_text().splitlines()) == 48
+
+
+LOCK_ENTRY = {
+    "cmd": "python -m stages.train",
+    "deps": [
+        {"path": "data/pairs", "hash": "md5", "md5": "c4592c6e39a4288c497f66f3f0f1af74.dir", "size": 10, "nfiles": 3},
+        {"path": "stages/train.py", "hash": "md5", "md5": "0d6fd33fbb7a86aa4488827bdb660dcf", "size": 5},
+    ],
+    "params": {"params.yaml": {"train": {"steps": 4}}},
+    "outs": [{"path": "data/adapter", "md5": "ffff.dir"}],
+}
+
+
+def test_lock_fingerprint_ignores_order_and_outputs():
+    reordered = LOCK_ENTRY | {"deps": LOCK_ENTRY["deps"][::-1], "outs": []}
+    assert lock_fingerprint(reordered) == lock_fingerprint(LOCK_ENTRY)
+
+
+def test_lock_fingerprint_follows_params():
+    changed = LOCK_ENTRY | {"params": {"params.yaml": {"train": {"steps": 5}}}}
+    assert lock_fingerprint(changed) != lock_fingerprint(LOCK_ENTRY)
+
+
+def test_dvc_checksum_uses_folder_dep():
+    assert dvc_checksum(LOCK_ENTRY, "data/pairs/pairs.csv") == "c4592c6e39a4288c497f66f3f0f1af74.dir"
+    assert dvc_checksum(LOCK_ENTRY, "stages/train.py") == "0d6fd33fbb7a86aa4488827bdb660dcf"
+    assert dvc_checksum(LOCK_ENTRY, "data/scores.csv") is None
+    assert dvc_checksum(None, "data/pairs/pairs.csv") is None
+
+
+def test_stage_entry_matches_dvc_lock(tmp_path):
+    project = make_project(tmp_path)
+    run_cli([sys.executable, "-m", "dvc", "repro", "prompts"], project)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["prompts"]
+    entry = dvc_stage_entry("prompts", project)
+    assert lock_fingerprint(entry) == lock_fingerprint(lock)
