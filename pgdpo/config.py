@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pgdpo.losses import METHODS, LossConfig
 
@@ -32,6 +32,9 @@ class RuntimeParams(Section):
         "float32", description="mixed-precision dtype for training forward passes (CUDA only)"
     )
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")
+    vae_slicing: bool = Field(False, description="VAE encodes and decodes one clip of a batch at a time")
+    vae_tiling: bool = Field(False, description="VAE works on overlapping spatial tiles (where the VAE class supports it)")
+    cpu_offload: bool = Field(False, description="sampling stages move each component to the GPU only while it runs (CUDA only)")
 
 
 class WorldParams(Section):
@@ -44,6 +47,34 @@ class WorldParams(Section):
 class PromptsParams(Section):
     num_eval_combos: int = Field(3, ge=1, description="(colour, shape) combinations held out for evaluation")
     seed: int = 0
+    train_file: str | None = Field(
+        None,
+        description="train prompt file (one prompt per line, or VBench_full_info.json); null uses the "
+        "shapes-world train prompts. Keep it under data/prompt_files/ so that DVC reruns on edits",
+    )
+
+    @field_validator("num_eval_combos")
+    @classmethod
+    def _leaves_train_coverage(cls, value: int) -> int:
+        # Eval prompts never overlap train prompts, and train must still show every colour and shape.
+        from pgdpo.world.grammar import max_eval_combos
+
+        if value > max_eval_combos():
+            raise ValueError(
+                f"at most {max_eval_combos()} combinations can be held out so that every colour and "
+                "shape stays in the train prompts"
+            )
+        return value
+
+
+class VideoParams(Section):
+    """Video size of a hub or local base model; null keeps the value of the folder's pgdpo.json."""
+
+    num_frames: int | None = Field(None, ge=1, description="frames per clip; each family needs 1 + k * its temporal compression")
+    height: int | None = Field(None, ge=8, description="clip height in pixels")
+    width: int | None = Field(None, ge=8, description="clip width in pixels")
+    fps: int | None = Field(None, ge=1, description="frame rate written into MP4 files")
+    max_sequence_length: int | None = Field(None, ge=1, description="prompt length in tokens")
 
 
 class BaseParams(Section):
@@ -57,6 +88,7 @@ class BaseParams(Section):
     batch_size: int = Field(8, ge=1)
     clips_per_prompt: int = Field(24, ge=1)
     seed: int = 0
+    video: VideoParams = Field(default_factory=VideoParams, description="video size when model is not shapes")
 
 
 class GenerateParams(Section):
@@ -65,6 +97,9 @@ class GenerateParams(Section):
     guidance_scale: float = Field(4.0, ge=0)
     batch_size: int = Field(64, ge=1)
     seed: int = 1000
+    shards: int = Field(1, ge=1, description="pieces the clip list is cut into; >1 runs them on a Dask cluster")
+    workers: int = Field(2, ge=1, description="worker processes of the local Dask cluster when shards > 1")
+    dask_address: str | None = Field(None, description="scheduler address of a running Dask cluster; null starts a local one")
 
 
 class ScoreParams(Section):
@@ -72,6 +107,9 @@ class ScoreParams(Section):
         default_factory=lambda: {"oracle_alignment": 1.0, "temporal_flickering": 0.25},
         description="scorer name -> weight of the total reward",
     )
+    shards: int = Field(1, ge=1, description="pieces the manifest is cut into; >1 runs them on a Dask cluster")
+    workers: int = Field(2, ge=1, description="worker processes of the local Dask cluster when shards > 1")
+    dask_address: str | None = Field(None, description="scheduler address of a running Dask cluster; null starts a local one")
 
     @field_validator("weights")
     @classmethod
@@ -106,9 +144,13 @@ class TrainParams(Section):
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    probe_every: int = Field(10, ge=1, description="steps between held-out likelihood probes")
+    probe_every: int = Field(20, ge=1, description="steps between held-out likelihood probes")
     log_every: int = Field(5, ge=1)
     checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0 disables them")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step; batch_size stays the pairs per step")
+    gradient_checkpointing: bool = Field(False, description="recompute denoiser activations in backward to save memory")
+    offload_frozen: bool = Field(True, description="release the text encoders and VAE: training reads cached latents")
+    num_processes: int = Field(1, ge=1, description="data-parallel processes; >1 relaunches train with accelerate launch")
     seed: int = 0
     lora: LoraParams = Field(default_factory=LoraParams)
     loss: dict[str, Any] = Field(default_factory=dict, description="LossConfig fields: beta, ars, ipr, ...")
@@ -126,6 +168,16 @@ class TrainParams(Section):
         LossConfig.from_dict(loss)
         return loss
 
+    @model_validator(mode="after")
+    def _batch_splits(self) -> TrainParams:
+        parts = self.grad_accum_steps * self.num_processes
+        if self.batch_size % parts:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} must be a multiple of train.grad_accum_steps * "
+                f"train.num_processes = {parts}, so that every micro-batch has the same size"
+            )
+        return self
+
     def loss_config(self) -> LossConfig:
         return LossConfig.from_dict(self.loss)
 
@@ -137,11 +189,86 @@ class EvaluateParams(Section):
     batch_size: int = Field(64, ge=1)
     seed: int = 2000
     sheet_prompts: int = Field(6, ge=1, description="eval prompts shown in the contact sheet")
+    prompt_suite: str | None = Field(
+        None,
+        description="eval prompt file: plain text (one prompt per line, as VBench's all_dimension.txt and "
+        "prompts_per_dimension/*.txt) or VBench_full_info.json; null uses the shapes-world eval prompts",
+    )
+    suite_dimensions: list[str] | None = Field(
+        None, description="with VBench_full_info.json, keep the prompts tagged with any of these VBench dimensions"
+    )
+
+
+class ClipParams(Section):
+    """open_clip weights of the CLIP scorers (clip_score, background_consistency, appearance_style)."""
+
+    model: str = Field(
+        "local-dir:data/reward_model",
+        description="open_clip model name (e.g. ViT-B-32) or 'local-dir:FOLDER' with open_clip_config.json and weights",
+    )
+    pretrained: str | None = Field(
+        None, description="open_clip pretrained tag (e.g. openai) or a local checkpoint file; ignored for local-dir:"
+    )
+    cache_dir: str | None = Field(None, description="open_clip download cache; with HF_HUB_OFFLINE=1 nothing downloads")
+    device: str = Field("cpu", description="torch device of the CLIP model")
+
+
+class AestheticParams(ClipParams):
+    """LAION's linear aesthetic head and the CLIP it was trained on, for aesthetic_quality."""
+
+    model: str = Field("ViT-L-14", description="CLIP of the head; LAION's head needs ViT-L-14")
+    pretrained: str | None = Field("openai", description="open_clip pretrained tag or local checkpoint file")
+    head: str | None = Field(None, description="local file of the head (sa_0_4_vit_l_14_linear.pth); null: unavailable")
+
+
+class ScoringParams(Section):
+    dimensions: list[str] = Field(
+        default_factory=lambda: [
+            "oracle_color", "oracle_shape", "oracle_direction", "oracle_alignment",
+            "temporal_flickering", "clip_score", "background_consistency",
+        ],
+        description="scorers reported per clip by score, evaluate_base and evaluate, besides the reward total",
+    )
+    quality_weight: float = Field(4.0, ge=0, description="weight of the quality group in omni_total (VBench: 4)")
+    semantic_weight: float = Field(1.0, ge=0, description="weight of the semantic group in omni_total (VBench: 1)")
+    clip: ClipParams = Field(default_factory=ClipParams)
+    aesthetic: AestheticParams = Field(default_factory=AestheticParams)
+
+    @field_validator("dimensions")
+    @classmethod
+    def _unique_dimensions(cls, dimensions: list[str]) -> list[str]:
+        if not dimensions:
+            raise ValueError("needs at least one scorer name")
+        duplicates = sorted({name for name in dimensions if dimensions.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"lists {duplicates} more than once")
+        return dimensions
+
+    @model_validator(mode="after")
+    def _positive_group_weights(self) -> ScoringParams:
+        if self.quality_weight + self.semantic_weight <= 0:
+            raise ValueError("scoring.quality_weight + scoring.semantic_weight must be > 0")
+        return self
+
+
+class RewardModelParams(Section):
+    steps: int = Field(300, ge=1, description="contrastive training steps of the tiny shapes-world CLIP")
+    batch_size: int = Field(12, ge=2, description="frames per step, at most one per (colour, shape) pair")
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    clips_per_prompt: int = Field(8, ge=1, description="rendered clips per train prompt")
+    eval_clips_per_prompt: int = Field(4, ge=1, description="rendered clips per eval prompt for retrieval accuracy")
+    seed: int = 0
 
 
 class TrackingParams(Section):
     experiment: str = "pgdpo"
     required: bool = Field(True, description="fail when MLflow is unreachable; false warns and continues")
+    registered_model: str | None = Field(
+        "pgdpo-lora", description="MLflow registry name of the trained LoRA as a pyfunc model; null skips logging it"
+    )
+    max_logged_clips: int = Field(8, ge=0, description="eval clips per model logged to MLflow as MP4 plus PNG poster")
 
 
 class Params(Section):
@@ -155,6 +282,8 @@ class Params(Section):
     label: LabelParams = Field(default_factory=LabelParams)
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    scoring: ScoringParams = Field(default_factory=ScoringParams)
+    reward_model: RewardModelParams = Field(default_factory=RewardModelParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
 
 

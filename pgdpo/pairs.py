@@ -32,6 +32,7 @@ class PairStats:
     pairs: int
     dropped_small_margin: int
     dropped_tied: int
+    dropped_non_finite: int = 0
 
 
 def build_pairs(
@@ -42,8 +43,19 @@ def build_pairs(
     `best_vs_worst` pairs the highest- and lowest-scoring candidates of each prompt;
     `all_pairs` pairs every two candidates of a prompt. Pairs whose margin is below
     `min_margin` are dropped and counted (a prompt whose candidates all tie gives no pair).
+    Candidates with a NaN or infinite total are dropped before pairing, counted and logged.
     `num_probe_pairs` pairs, drawn with `seed`, get split "probe" and are kept out of training.
     """
+    finite = np.isfinite(pd.to_numeric(scores[TOTAL], errors="coerce").to_numpy(dtype=np.float64))
+    dropped_non_finite = int((~finite).sum())
+    if dropped_non_finite:
+        bad = scores.loc[~finite, "path"].tolist()
+        logger.warning(
+            "dropped %d candidates whose %s score is NaN or infinite, for example %s",
+            dropped_non_finite, TOTAL, bad[:3],
+        )
+        scores = scores.loc[finite]
+
     rows, dropped_small, dropped_tied = [], 0, 0
     for prompt_id, group in scores.groupby("prompt_id", sort=True):
         # Sort by score, then by candidate index so ties resolve the same way every run.
@@ -80,10 +92,13 @@ def build_pairs(
     pairs["split"] = "train"
     pairs.loc[np.sort(probe), "split"] = "probe"
 
-    stats = PairStats(int(scores["prompt_id"].nunique()), len(pairs), dropped_small, dropped_tied)
+    stats = PairStats(
+        int(scores["prompt_id"].nunique()), len(pairs), dropped_small, dropped_tied, dropped_non_finite
+    )
     logger.info(
-        "built %d pairs from %d prompts; dropped %d under min_margin and %d tied",
-        stats.pairs, stats.prompts, stats.dropped_small_margin, stats.dropped_tied,
+        "built %d pairs from %d prompts; dropped %d under min_margin, %d tied and %d candidates "
+        "with non-finite scores",
+        stats.pairs, stats.prompts, stats.dropped_small_margin, stats.dropped_tied, stats.dropped_non_finite,
     )
     return pairs, stats
 

@@ -15,6 +15,7 @@ import torch
 from pgdpo.config import Params, ParamsError, load_params
 from pgdpo.runtime import seed_everything
 from pgdpo.tracking import Tracker, stage_run
+from pgdpo.training.parallel import DataParallel
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,22 @@ def stage_main(name: str, run: Callable[[Params, Tracker], None], sections: list
     if params.runtime.threads:
         torch.set_num_threads(params.runtime.threads)
     seed_everything(params.seed)
+
+    # Some params can only be checked against the loaded model (for example `base.video` against
+    # the family's VAE), so a ParamsError raised while the stage runs exits like one at load time.
+    try:
+        _run_tracked(name, run, sections, params)
+    except ParamsError as error:
+        logger.error("stage %s: invalid params: %s", name, error)
+        sys.exit(EXIT_INVALID_PARAMS)
+
+
+def _run_tracked(name: str, run: Callable[[Params, Tracker], None], sections: list[str], params: Params) -> None:
+    if DataParallel.from_env().rank > 0:
+        # In a data-parallel run only rank 0 logs to MLflow; the other ranks train without a run.
+        logger.info("stage %s started on rank %d without MLflow tracking", name, DataParallel.from_env().rank)
+        run(params, Tracker(None))
+        return
 
     logged = {section: getattr(params, section).model_dump() for section in sections}
     with stage_run(name, params.tracking.experiment, logged, required=params.tracking.required) as tracker:

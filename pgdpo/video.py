@@ -201,6 +201,24 @@ def _check_mp4_boxes(path: Path) -> None:
         )
 
 
+def _warn_if_variable_frame_rate(path: Path, start_times: np.ndarray) -> None:
+    """Log a warning when the frame intervals of a video differ by more than 1%.
+
+    Scorers and training treat frames as evenly spaced, so a variable-frame-rate video is
+    used frame by frame in decode order and its timestamps are ignored.
+    """
+    if len(start_times) < 3:
+        return
+    intervals = np.diff(start_times)
+    shortest, longest = float(intervals.min()), float(intervals.max())
+    if shortest <= 0 or longest > shortest * 1.01:
+        logger.warning(
+            "Video %s has a variable frame rate (frame intervals %.4f to %.4f s); its %d frames are "
+            "used in order as if evenly spaced. Re-encode it at a constant rate to silence this.",
+            path, shortest, longest, len(start_times),
+        )
+
+
 def read_video(
     path: str | os.PathLike, expected_shape: tuple[int, int, int] | None = None
 ) -> np.ndarray:
@@ -226,6 +244,7 @@ def read_video(
         if num_frames == 0:
             raise VideoReadError(f"Video file {path} contains no frames. Delete it and regenerate the clip.")
         frames = reader.get_batch(list(range(num_frames))).asnumpy()
+        _warn_if_variable_frame_rate(path, reader.get_frame_timestamp(list(range(num_frames)))[:, 0])
     except (decord.DECORDError, RuntimeError) as error:
         raise VideoReadError(
             f"Failed to decode video {path}: the file is corrupt, not a video or has no video frames. "

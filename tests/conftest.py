@@ -12,12 +12,16 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ["pgdpo", "stages", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+COPIED = [
+    "pgdpo", "stages", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore",
+    "data/prompt_files",
+]
 
 # Reduced params: enough for every stage to do real work on a few prompts in a few minutes.
 SMALL_PARAMS = {
     "base": {"vae_steps": 3, "transformer_steps": 6, "clips_per_prompt": 1},
     "generate": {"num_inference_steps": 3, "num_candidates": 2},
+    "reward_model": {"steps": 20, "clips_per_prompt": 2, "eval_clips_per_prompt": 1},
     "label": {"min_margin": 0.0, "num_probe_pairs": 2},
     "train": {"steps": 4, "probe_every": 2, "batch_size": 2, "log_every": 1},
     "evaluate": {"num_inference_steps": 3, "num_videos_per_prompt": 2, "sheet_prompts": 2},
@@ -38,9 +42,12 @@ def project_env(project: Path) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], project: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], project: Path, check: bool = True, timeout: float = 900, env_overrides: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run a command in `project`; on failure show its output in the assertion message."""
-    result = subprocess.run(args, cwd=project, env=project_env(project), capture_output=True, text=True, timeout=timeout)
+    env = project_env(project) | (env_overrides or {})
+    result = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
@@ -66,6 +73,21 @@ def make_project(destination: Path, overrides: dict | None = None) -> Path:
     run_cli(["git", "add", "-A"], destination)
     run_cli(["git", "commit", "-qm", "test project"], destination)
     return destination
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_folder(tmp_path_factory) -> Path:
+    """A random-weight `WanPipeline` saved with `save_pretrained`, with no pgdpo.json: its video
+    size must come from `base.video` (9 frames of 32x32 pixels, see `TINY_WAN_VIDEO`)."""
+    from pgdpo.models.tiny_families import build_wan
+
+    folder = tmp_path_factory.mktemp("tiny-wan") / "pipeline"
+    build_wan(seed=0).save_pretrained(folder)
+    return folder
+
+
+# base.video of `tiny_wan_folder`: its VAE compresses time by 2 and space by 2.
+TINY_WAN_VIDEO = {"num_frames": 9, "height": 32, "width": 32, "fps": 8, "max_sequence_length": 16}
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,8 @@ def test_default_params_are_valid():
         (lambda p: p["train"]["loss"].update(bogus=1), "bogus"),
         (lambda p: p["world"].update(height=30), "world.height = 30"),
         (lambda p: p["score"].update(weights={"oracle_alignment": -1.0}), "score.weights"),
+        (lambda p: p["prompts"].update(num_eval_combos=11), "prompts.num_eval_combos = 11"),
+        (lambda p: p["train"].update(steps=0), "train.steps = 0"),
     ],
 )
 def test_invalid_value_names_key(tmp_path, edit, message):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from pgdpo.video import read_video
 from tests.conftest import run_cli
 
-STAGES = ["prompts", "base", "generate", "score", "label", "train", "evaluate_base", "evaluate"]
+STAGES = ["prompts", "base", "generate", "reward_model", "score", "label", "train", "evaluate_base", "evaluate"]
 
 
 def test_candidate_videos_decode(reproduced_project: Path):
@@ -91,3 +91,25 @@ def test_second_repro_is_up_to_date(reproduced_project: Path):
     assert "Running stage" not in output
     for stage in STAGES:
         assert f"'{stage}' didn't change" in output or "up to date" in output
+
+
+def test_reward_model_and_clip_dimensions(reproduced_project: Path):
+    retrieval = json.loads((reproduced_project / "metrics/reward_model.json").read_text())["retrieval"]
+    assert 0.0 <= retrieval["held_out_top1"] <= 1.0
+    assert (reproduced_project / "data/reward_model/open_clip_model.safetensors").is_file()
+    summary = json.loads((reproduced_project / "metrics/eval.json").read_text())
+    for dimension in ("clip_score", "background_consistency", "omni_total"):
+        assert dimension in summary["trained"]
+    assert 0.0 <= summary["base"]["background_consistency"]["mean"] <= 1.0
+    scores = pd.read_csv(reproduced_project / "data/scores.csv", keep_default_na=False)
+    assert {"clip_score", "background_consistency"} <= set(scores.columns)
+
+
+def test_dimension_plots_render(reproduced_project: Path, tmp_path: Path):
+    table = pd.read_csv(reproduced_project / "plots/eval_dimensions.tsv", sep="\t")
+    assert {"dimension", "base", "trained", "trained_delta"} <= set(table.columns)
+    assert "clip_score" in table["dimension"].tolist()
+    run_cli([sys.executable, "-m", "dvc", "plots", "show", "-o", str(tmp_path / "plots")], reproduced_project)
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "eval_dimensions" in html
+    assert "eval_dimension_deltas" in html

@@ -97,7 +97,8 @@ def all_attributes() -> list[Attributes]:
     ]
 
 
-def _max_eval_combos() -> int:
+def max_eval_combos() -> int:
+    """Return the largest number of (colour, shape) pairs that can be held out for eval."""
     # Train keeps at least one (colour, shape) pair per colour and per shape.
     # With 5 colours and 3 shapes, 5 pairs can cover all of them, so at most
     # 15 - 5 = 10 pairs can be held out.
@@ -119,7 +120,7 @@ def split_prompts(num_eval_combos: int, seed: int) -> tuple[list[str], list[str]
     train. Returns (train, eval), each sorted. The same seed gives the same split.
     Raises ValueError unless 1 <= num_eval_combos <= 10.
     """
-    max_combos = _max_eval_combos()
+    max_combos = max_eval_combos()
     if not 1 <= num_eval_combos <= max_combos:
         raise ValueError(
             f"Invalid num_eval_combos {num_eval_combos}: expected 1 to {max_combos}, "
