@@ -1,0 +1,206 @@
+"""Orchestration overhead of the whole pipeline: `dvc repro` wall time minus the stages' own time.
+
+The project is copied into a temporary folder as a fresh git repository (the tests' `make_project`),
+with the default params unless --small is given. The script runs `dvc repro` (or the Prefect flow
+with --runner prefect) once from scratch, then once more, when every stage is up to date (the
+no-op run). Each stage opens one MLflow child run around its computation
+(`pgdpo.tracking.stage_run`), so the stages' own time is read from those runs' start and end
+times. The rest is overhead: DVC's hashing and locking, Prefect, process start, imports, params
+validation and opening the MLflow run.
+NOTE: MLflow logging inside a stage (params, metrics, artifacts) falls within the child run, so it
+counts as stage time here. `bench.train_step` times the per-step metric logging separately.
+
+    python -m bench.pipeline_overhead [--small] [--runner dvc|prefect] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from bench.common import ROOT, finish, format_table, known_sections, parse_args, result_header, setup_logging
+from tests.conftest import SMALL_PARAMS, make_project, project_env
+
+logger = logging.getLogger(__name__)
+
+OVERHEAD_TARGET = 0.10
+NOOP_TARGET_S = 15.0
+STAGE_TAG = "pgdpo.stage"
+
+# --smoke: the tests' reduced params cut further, so that each stage computes for a few seconds.
+SMOKE_PARAMS = {
+    "base": {"vae_steps": 1, "transformer_steps": 1, "clips_per_prompt": 1},
+    "reward_model": {"steps": 2, "clips_per_prompt": 1, "eval_clips_per_prompt": 1},
+    "generate": {"num_inference_steps": 1, "num_candidates": 2},
+    "train": {"steps": 1, "probe_every": 1, "batch_size": 2, "log_every": 1},
+    "evaluate": {"num_inference_steps": 1, "num_videos_per_prompt": 1, "sheet_prompts": 1},
+}
+
+
+def param_overrides(mode: str) -> dict:
+    """Sections that `make_project` applies: the defaults back, the tests' params, or smaller ones."""
+    if mode == "small":
+        return {}
+    if mode == "smoke":
+        return known_sections(SMOKE_PARAMS)
+    defaults = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return {section: defaults[section] for section in SMALL_PARAMS if section in defaults}
+
+
+def run_pipeline(project: Path, runner: str, log_file: Path) -> float:
+    """Run the whole pipeline in `project` and return its wall time in seconds."""
+    command = [sys.executable, "-m", "dvc", "repro"] if runner == "dvc" else [sys.executable, "-m", "flows.pipeline"]
+    logger.info("running %s in %s (output in %s)", " ".join(command), project, log_file)
+    started = time.perf_counter()
+    with open(log_file, "w") as log:
+        completed = subprocess.run(command, cwd=project, env=project_env(project), stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - started
+    if completed.returncode != 0:
+        tail = log_file.read_text()[-4000:]
+        raise RuntimeError(f"{' '.join(command)} exited with {completed.returncode} in {project}:\n{tail}")
+    return seconds
+
+
+def stage_runs(project: Path) -> list[dict]:
+    """Return the MLflow stage runs of `project` (name, start, end in seconds), in start order."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.`{STAGE_TAG}` != ''", max_results=1000)
+    rows = [
+        {"stage": run.data.tags[STAGE_TAG], "start": run.info.start_time / 1000, "end": run.info.end_time / 1000}
+        for run in runs
+        if run.info.end_time
+    ]
+    return sorted(rows, key=lambda row: row["start"])
+
+
+# Opens and closes one MLflow stage run the way every stage does, with no work inside.
+MLFLOW_PROBE = (
+    "from pgdpo.tracking import stage_run\n"
+    "with stage_run('bench-overhead-probe', 'bench-overhead-probe', {'section': {'key': 1}}):\n"
+    "    pass\n"
+)
+
+
+def time_command(command: list[str], project: Path) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, cwd=project, env=project_env(project), check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def overhead_breakdown(project: Path, stages: list[str]) -> dict:
+    """Time the parts of a stage process that are not stage work, each in a fresh process.
+
+    interpreter: `python -c pass`; imports: `import stages.<name>` per stage (includes the
+    interpreter); mlflow_run: opening and closing one stage run against the project's store,
+    minus the interpreter. DVC's own share is what remains of the overhead.
+    """
+    python = sys.executable
+    interpreter = time_command([python, "-c", "pass"], project)
+    imports = {stage: time_command([python, "-c", f"import stages.{stage}"], project) for stage in stages}
+    mlflow_run = time_command([python, "-c", MLFLOW_PROBE], project) - interpreter
+    return {"interpreter_s": interpreter, "imports_s": imports, "mlflow_run_s": mlflow_run}
+
+
+def measure(mode: str, runner: str, root: Path, breakdown: bool) -> dict:
+    project = make_project(root / "project", param_overrides(mode))
+    started_at = time.time()
+    total = run_pipeline(project, runner, root / "repro.log")
+    runs = stage_runs(project)
+    if not runs:
+        raise RuntimeError(f"no MLflow stage runs found in {project / 'mlflow.db'}; did the stages log to it?")
+    noop = run_pipeline(project, runner, root / "noop.log")
+    noop_runs = len(stage_runs(project)) - len(runs)
+
+    stage_seconds = sum(run["end"] - run["start"] for run in runs)
+    previous_end = started_at
+    stages = []
+    for run in runs:
+        stages.append({"stage": run["stage"], "seconds": run["end"] - run["start"], "gap_before_s": run["start"] - previous_end})
+        previous_end = run["end"]
+    overhead = total - stage_seconds
+    parts = {}
+    if breakdown:
+        parts = overhead_breakdown(project, [run["stage"] for run in runs])
+        imports = sum(parts["imports_s"].values())
+        mlflow_total = parts["mlflow_run_s"] * len(runs)
+        parts.update({"imports_total_s": imports, "mlflow_runs_total_s": mlflow_total,
+                      "dvc_and_other_s": overhead - imports - mlflow_total})
+    return {
+        "params": mode,
+        "runner": runner,
+        "total_s": total,
+        "stage_sum_s": stage_seconds,
+        "overhead_s": overhead,
+        "overhead_fraction": overhead / total,
+        "overhead_target": OVERHEAD_TARGET,
+        "overhead_met": overhead / total < OVERHEAD_TARGET,
+        "tail_after_last_stage_s": started_at + total - previous_end,
+        "stages": stages,
+        "noop_s": noop,
+        "noop_stage_runs": noop_runs,
+        "noop_target_s": NOOP_TARGET_S,
+        "noop_met": noop < NOOP_TARGET_S,
+        "breakdown": parts,
+    }
+
+
+def main() -> None:
+    setup_logging()
+
+    def options(parser) -> None:
+        parser.add_argument("--small", action="store_true", help="use the tests' reduced params (tests/conftest.py)")
+        parser.add_argument("--runner", choices=["dvc", "prefect"], default="dvc",
+                            help="dvc: `dvc repro`; prefect: `python -m flows.pipeline` (dvc repro per stage)")
+        parser.add_argument("--keep", type=Path, default=None, help="run in this folder and keep it (default: a temp folder)")
+
+    args = parse_args(__doc__.splitlines()[0], options)
+    if args.device.type != "cpu":
+        raise SystemExit("bench.pipeline_overhead runs the stages with params.yaml's runtime.device; use --device cpu")
+    mode = "default"
+    if args.small:
+        mode = "small"
+    if args.smoke:
+        mode = "smoke"
+    result = result_header("pipeline_overhead", args)
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=False)
+        entry = measure(mode, args.runner, args.keep, breakdown=not args.smoke)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as folder:
+            entry = measure(mode, args.runner, Path(folder), breakdown=not args.smoke)
+    result.update(entry)
+
+    stage_rows = [[row["stage"], row["seconds"], row["gap_before_s"]] for row in entry["stages"]]
+    summary_rows = [[
+        mode, args.runner, entry["total_s"], entry["stage_sum_s"], entry["overhead_s"], 100 * entry["overhead_fraction"],
+        "yes" if entry["overhead_met"] else "no", entry["noop_s"], "yes" if entry["noop_met"] else "no",
+    ]]
+    tables = {
+        "Pipeline overhead": format_table(
+            ["params", "runner", "total s", "stages s", "overhead s", "overhead %", "< 10%", "no-op s", "no-op < 15 s"],
+            summary_rows),
+        "Stages (MLflow child runs; gap = time since the previous stage's run ended)": format_table(
+            ["stage", "seconds", "gap before s"], stage_rows),
+    }
+    parts = entry["breakdown"]
+    if parts:
+        tables["Overhead breakdown (each part timed in a fresh process)"] = format_table(
+            ["part", "seconds"],
+            [["interpreter start (one process)", parts["interpreter_s"]],
+             ["stage imports, all stages (incl. interpreter start)", parts["imports_total_s"]],
+             ["MLflow stage run open and close, all stages", parts["mlflow_runs_total_s"]],
+             ["DVC and the rest (overhead minus the above)", parts["dvc_and_other_s"]]])
+    finish(result, tables, args.out)
+
+
+if __name__ == "__main__":
+    main()
