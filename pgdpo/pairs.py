@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -128,3 +129,42 @@ def load_latents(path: Path) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"latent cache {path} not found; run `dvc repro label` first")
     return load_file(str(path))
+
+
+class LatentRows:
+    """Rows of one tensor of a latent cache, read from the safetensors file when indexed.
+
+    Training indexes a batch of rows per step, so only that batch is in memory, and memory does
+    not grow with the number of cached pairs. Indexing returns the same values as the tensor
+    `load_latents` returns.
+    """
+
+    def __init__(self, path: Path, key: str, rows: np.ndarray | None = None):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"latent cache {path} not found; run `dvc repro label` first")
+        self.path = Path(path)
+        self.key = key
+        # The handle stays open for the object's life; safetensors maps the file and reads on slicing.
+        self._file = safe_open(str(path), framework="pt")
+        self._slice = self._file.get_slice(key)
+        stored = self._slice.get_shape()
+        self.rows = np.arange(stored[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.shape = torch.Size([len(self.rows), *stored[1:]])
+
+    def view(self, rows: np.ndarray) -> LatentRows:
+        """Return the rows `rows` of this view as a new view, reading nothing."""
+        return LatentRows(self.path, self.key, self.rows[np.asarray(rows, dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        positions = self.rows[np.asarray(index, dtype=np.int64).reshape(-1)]
+        if len(positions) == 0:
+            return self._slice[0:0]
+        return torch.cat([self._slice[int(row) : int(row) + 1] for row in positions])
+
+
+def open_latents(path: Path) -> dict[str, LatentRows]:
+    """Open the tensors written by `cache_latents` without loading them; see `LatentRows`."""
+    return {key: LatentRows(path, key) for key in ("chosen", "rejected", "prompt_embeds")}

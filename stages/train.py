@@ -16,7 +16,7 @@ import torch
 from pgdpo.config import Params, ParamsError, load_params
 from pgdpo.io import atomic_dir, read_table, write_json, write_table
 from pgdpo.models import load_base
-from pgdpo.pairs import load_latents
+from pgdpo.pairs import open_latents
 from pgdpo.paths import ADAPTER, BASE_MODEL, CHECKPOINTS, METRICS, PAIRS, PLOTS
 from pgdpo.runtime import resolve_device
 from pgdpo.stage import setup_logging, stage_main
@@ -30,20 +30,31 @@ logger = logging.getLogger(__name__)
 
 
 def load_pair_data(params: Params) -> tuple[PairData, PairData, dict]:
-    """Load pairs.csv and the latent cache; split into train and probe pairs."""
+    """Read pairs.csv and open the latent cache; split into train and probe pairs.
+
+    The latents stay on disk: each batch reads its rows (`LatentRows`).
+    """
     pairs = read_table(PAIRS / "pairs.csv")
-    tensors = load_latents(PAIRS / "latents.safetensors")
+    latents = open_latents(PAIRS / "latents.safetensors")
     score_w, score_l, bounds = normalise_scores(pairs["chosen_score"].to_numpy(), pairs["rejected_score"].to_numpy())
-    data = PairData(
-        chosen=tensors["chosen"],
-        rejected=tensors["rejected"],
-        prompt_embeds=tensors["prompt_embeds"],
-        score_w=torch.tensor(score_w, dtype=torch.float32),
-        score_l=torch.tensor(score_l, dtype=torch.float32),
-        pair_ids=pairs["pair_id"].to_numpy(),
-    )
+    score_w = torch.tensor(score_w, dtype=torch.float32)
+    score_l = torch.tensor(score_l, dtype=torch.float32)
+    pair_ids = pairs["pair_id"].to_numpy()
     split = pairs["split"].to_numpy()
-    return data.subset(np.flatnonzero(split == "train")), data.subset(np.flatnonzero(split == "probe")), bounds
+
+    def part(name: str) -> PairData:
+        rows = np.flatnonzero(split == name)
+        index = torch.as_tensor(rows, dtype=torch.long)
+        return PairData(
+            chosen=latents["chosen"].view(rows),
+            rejected=latents["rejected"].view(rows),
+            prompt_embeds=latents["prompt_embeds"].view(rows),
+            score_w=score_w[index],
+            score_l=score_l[index],
+            pair_ids=pair_ids[rows],
+        )
+
+    return part("train"), part("probe"), bounds
 
 
 def training_fingerprint(params: Params) -> str:

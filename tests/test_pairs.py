@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from pgdpo.pairs import build_pairs
+from pgdpo.pairs import build_pairs, load_latents, open_latents
 
 
 def scores_table(values_per_prompt: list[list[float]]) -> pd.DataFrame:
@@ -55,3 +58,29 @@ def test_probe_split_is_seeded():
     first, _ = build_pairs(scores, "best_vs_worst", 0.0, 3, seed=4)
     second, _ = build_pairs(scores, "best_vs_worst", 0.0, 3, seed=4)
     assert first["split"].tolist() == second["split"].tolist()
+
+
+def test_latent_rows_match_loaded_tensors(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "chosen": torch.randn(10, 2, 3, 4, 4, generator=generator),
+        "rejected": torch.randn(10, 2, 3, 4, 4, generator=generator),
+        "prompt_embeds": torch.randn(10, 5, 6, generator=generator),
+    }
+    save_file(tensors, str(tmp_path / "latents.safetensors"))
+    loaded = load_latents(tmp_path / "latents.safetensors")
+    opened = open_latents(tmp_path / "latents.safetensors")
+
+    rows = np.array([7, 2, 9, 3])
+    batch = torch.tensor([3, 0, 0, 1])
+    for key, lazy in opened.items():
+        view = lazy.view(rows)
+        assert view.shape == (4, *tensors[key].shape[1:])
+        assert len(view) == 4
+        assert torch.equal(view[batch], loaded[key][torch.as_tensor(rows)][batch])
+        assert view[np.array([], dtype=np.int64)].shape == (0, *tensors[key].shape[1:])
+
+
+def test_latent_rows_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dvc repro label"):
+        open_latents(tmp_path / "absent.safetensors")

@@ -51,6 +51,19 @@ def test_sweep_runs_queued_experiments(reproduced_project: Path, tmp_path: Path,
     assert records[0]["probe"]["step"] == [0, 1, 2]
     assert (project / "reports/sweep_probe.png").stat().st_size > 1000
 
+    # The alias `best` points at the model version that the best experiment's train stage registered.
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    best = client.get_model_version_by_alias("pgdpo-lora", "best")
+    sweep_runs = client.search_runs([best_run_experiment(client)], filter_string="attributes.run_name = 'sweep'")
+    assert sweep_runs, "the sweep logs a run named sweep"
+    best_name = sweep_runs[0].data.tags["pgdpo.sweep.best"]
+    assert best_name in {"sweep-method-dpo", "sweep-method-pgdpo"}
+    assert client.get_run(best.run_id).data.tags.get(DVC_EXP_TAG) == best_name
+
+
+def best_run_experiment(client: MlflowClient) -> str:
+    return client.get_experiment_by_name("pgdpo").experiment_id
+
 
 def sweep_record(name: str, method: str, reward: float) -> dict:
     return {"name": name, "method": method, "seed": 0, "metrics": {label: 0.0 for label in METRICS} | {"eval reward": reward}}

@@ -56,6 +56,7 @@ class TrainConfig:
 class PairData:
     """Cached tensors of a set of pairs; row i of every tensor belongs to pair_ids[i]."""
 
+    # A tensor, or a `pgdpo.pairs.LatentRows` that reads rows from the latent cache when indexed.
     chosen: torch.Tensor  # (N, C, F, H, W) latents
     rejected: torch.Tensor  # (N, C, F, H, W) latents
     prompt_embeds: torch.Tensor  # (N, L, D)
