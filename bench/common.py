@@ -40,6 +40,12 @@ def parse_args(description: str, configure: Callable[[argparse.ArgumentParser], 
     return args
 
 
+def add_models_option(parser: argparse.ArgumentParser, models: list[str]) -> None:
+    """Add `--models`, the benchmark models to run (default: all; tiny_wan only with --smoke)."""
+    parser.add_argument("--models", nargs="+", default=None, choices=models,
+                        help="benchmark models (default: all; tiny_wan only with --smoke)")
+
+
 def resolve_bench_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -17,7 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from bench.common import ROOT, Stopwatch, finish, format_table, parse_args, result_header, setup_logging
+from bench.common import ROOT, add_models_option, Stopwatch, finish, format_table, parse_args, result_header, setup_logging
 from bench.models import MODELS, render_pairs
 from bench.paths import PATHS, step_inputs
 from pgdpo.config import load_params
@@ -63,8 +63,7 @@ def main() -> None:
     setup_logging()
 
     def options(parser) -> None:
-        parser.add_argument("--models", nargs="+", default=None, choices=list(MODELS),
-                            help="benchmark models (default: all; tiny_wan only with --smoke)")
+        add_models_option(parser, list(MODELS))
         parser.add_argument("--reps", type=int, default=10, help="timed steps per path (full run)")
 
     args = parse_args(__doc__.splitlines()[0], options)

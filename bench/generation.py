@@ -16,7 +16,7 @@ import statistics
 import numpy as np
 from tqdm.auto import tqdm
 
-from bench.common import ROOT, Stopwatch, finish, format_table, parse_args, result_header, setup_logging, summarise_times
+from bench.common import ROOT, add_models_option, Stopwatch, finish, format_table, parse_args, result_header, setup_logging, summarise_times
 from bench.models import MODELS, load_model, shapes_prompts
 from pgdpo.config import load_params
 from pgdpo.generation import candidate_seeds
@@ -77,8 +77,7 @@ def main() -> None:
     setup_logging()
 
     def options(parser) -> None:
-        parser.add_argument("--models", nargs="+", default=None, choices=list(MODELS),
-                            help="benchmark models (default: all; tiny_wan only with --smoke)")
+        add_models_option(parser, list(MODELS))
         parser.add_argument("--prompts", type=int, default=8, help="prompts in the full run")
         parser.add_argument("--reps", type=int, default=3, help="timed repetitions per mode (full run)")
 

@@ -29,6 +29,7 @@ from bench.common import (
     ROOT,
     PeakMemory,
     Stopwatch,
+    add_models_option,
     current_rss,
     finish,
     format_table,
@@ -334,8 +335,7 @@ def main() -> None:
     setup_logging()
 
     def options(parser) -> None:
-        parser.add_argument("--models", nargs="+", default=None, choices=list(MODELS),
-                            help="benchmark models (default: all; tiny_wan only with --smoke)")
+        add_models_option(parser, list(MODELS))
         parser.add_argument("--reps", type=int, default=20, help="timed steps per path and model (full run)")
 
     args = parse_args(__doc__.splitlines()[0], options)
