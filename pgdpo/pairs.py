@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -131,12 +132,41 @@ def load_latents(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+# Tensor dtypes a latent cache can hold, by their safetensors name.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+}
+
+
+def _safetensors_entry(path: Path, key: str) -> tuple[torch.dtype, list[int], int]:
+    """Return dtype, shape and absolute byte offset of tensor `key` in a safetensors file.
+
+    The format is an 8-byte little-endian header length, a JSON header that gives each tensor's
+    dtype, shape and byte range relative to the end of the header, then the raw data.
+    """
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    if key not in header:
+        stored = sorted(name for name in header if name != "__metadata__")
+        raise KeyError(f"latent cache {path} has no tensor {key!r}, only {stored}; rerun `dvc repro label`")
+    entry = header[key]
+    if entry["dtype"] not in _SAFETENSORS_DTYPES:
+        raise ValueError(
+            f"latent cache {path}: tensor {key!r} has dtype {entry['dtype']}, which pgdpo cannot read; "
+            "rerun `dvc repro label` to rewrite the cache"
+        )
+    return _SAFETENSORS_DTYPES[entry["dtype"]], list(entry["shape"]), 8 + header_len + entry["data_offsets"][0]
+
+
 class LatentRows:
     """Rows of one tensor of a latent cache, read from the safetensors file when indexed.
 
     Training indexes a batch of rows per step, so only that batch is in memory, and memory does
-    not grow with the number of cached pairs. Indexing returns the same values as the tensor
-    `load_latents` returns.
+    not grow with the number of cached pairs. Rows are read with `os.pread` into fresh buffers
+    instead of through a memory map, so the pages of the file do not count in the process's
+    resident memory. Indexing returns the same values as the tensor `load_latents` returns.
     """
 
     def __init__(self, path: Path, key: str, rows: np.ndarray | None = None):
@@ -144,12 +174,11 @@ class LatentRows:
             raise FileNotFoundError(f"latent cache {path} not found; run `dvc repro label` first")
         self.path = Path(path)
         self.key = key
-        # The handle stays open for the object's life; safetensors maps the file and reads on slicing.
-        self._file = safe_open(str(path), framework="pt")
-        self._slice = self._file.get_slice(key)
-        stored = self._slice.get_shape()
+        self.dtype, stored, self._offset = _safetensors_entry(self.path, key)
+        self._row_shape = stored[1:]
+        self._row_bytes = int(np.prod(self._row_shape, dtype=np.int64)) * self.dtype.itemsize
         self.rows = np.arange(stored[0]) if rows is None else np.asarray(rows, dtype=np.int64)
-        self.shape = torch.Size([len(self.rows), *stored[1:]])
+        self.shape = torch.Size([len(self.rows), *self._row_shape])
 
     def view(self, rows: np.ndarray) -> LatentRows:
         """Return the rows `rows` of this view as a new view, reading nothing."""
@@ -160,9 +189,21 @@ class LatentRows:
 
     def __getitem__(self, index) -> torch.Tensor:
         positions = self.rows[np.asarray(index, dtype=np.int64).reshape(-1)]
-        if len(positions) == 0:
-            return self._slice[0:0]
-        return torch.cat([self._slice[int(row) : int(row) + 1] for row in positions])
+        out = torch.empty((len(positions), *self._row_shape), dtype=self.dtype)
+        buffer = out.view(torch.uint8).reshape(-1).numpy()
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for i, row in enumerate(positions):
+                chunk = os.pread(fd, self._row_bytes, self._offset + int(row) * self._row_bytes)
+                if len(chunk) != self._row_bytes:
+                    raise ValueError(
+                        f"latent cache {self.path} is truncated at row {row} of {self.key!r}; "
+                        "rerun `dvc repro label`"
+                    )
+                buffer[i * self._row_bytes : (i + 1) * self._row_bytes] = np.frombuffer(chunk, dtype=np.uint8)
+        finally:
+            os.close(fd)
+        return out
 
 
 def open_latents(path: Path) -> dict[str, LatentRows]:

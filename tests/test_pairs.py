@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from pgdpo.pairs import build_pairs, load_latents, open_latents
+from pgdpo.pairs import LatentRows, build_pairs, load_latents, open_latents
 
 
 def scores_table(values_per_prompt: list[list[float]]) -> pd.DataFrame:
@@ -84,3 +86,40 @@ def test_latent_rows_match_loaded_tensors(tmp_path):
 def test_latent_rows_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="dvc repro label"):
         open_latents(tmp_path / "absent.safetensors")
+
+
+def test_latent_rows_keep_file_pages_out_of_resident_memory(tmp_path):
+    # 64 MiB of cached rows; reading each row once must not leave them resident, as a memory map would.
+    rows, row_shape = 256, (4, 4, 32, 32)
+    save_file({"chosen": torch.ones(rows, *row_shape, dtype=torch.float32)}, str(tmp_path / "big.safetensors"))
+    chosen = LatentRows(tmp_path / "big.safetensors", "chosen")
+
+    before = _rss_kib()
+    total = 0.0
+    for start in range(0, rows, 8):
+        total += float(chosen[np.arange(start, start + 8)].sum())
+    grown_mib = (_rss_kib() - before) / 1024
+
+    assert total == rows * np.prod(row_shape)
+    assert grown_mib < 12, f"resident memory grew by {grown_mib:.1f} MiB while reading a 64 MiB cache"
+
+
+def test_latent_rows_bfloat16_and_truncated_file(tmp_path):
+    values = torch.randn(6, 3, 5, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    path = tmp_path / "latents.safetensors"
+    save_file({"prompt_embeds": values}, str(path))
+    assert torch.equal(LatentRows(path, "prompt_embeds")[[5, 0]], values[[5, 0]])
+
+    with pytest.raises(KeyError, match="no tensor 'chosen'"):
+        LatentRows(path, "chosen")
+
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="truncated at row 5"):
+        LatentRows(path, "prompt_embeds")[[5]]
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("VmRSS missing from /proc/self/status")
