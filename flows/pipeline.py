@@ -2,7 +2,9 @@
 
 Each task runs `dvc repro --single-item <stage>`, so DVC still skips a stage whose inputs are
 unchanged, and streams the stage's output into the Prefect log. The flow opens the MLflow
-parent run and passes its id to every stage through `PGDPO_PARENT_RUN_ID`.
+parent run and passes its id to every stage through `PGDPO_PARENT_RUN_ID`. One `dvc status` call
+at the start skips the leading stages that are up to date, so a run with nothing to do takes
+seconds.
 
 Every stage task has a timeout (`DEFAULT_TIMEOUTS_S`, overridden per stage by the flow parameter
 `stage_timeouts`); a stage that runs past it is stopped with its whole process group and is not
@@ -16,6 +18,7 @@ server started with `prefect server start` after `prefect config set PREFECT_API
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -133,6 +136,33 @@ def stage_timeout(stage: str, overrides: dict[str, float] | None) -> float:
 
 
 @task
+def changed_stages(project_dir: str) -> set[str]:
+    """Return the stages that `dvc status` reports as changed (one DVC call for the whole pipeline)."""
+    command = [sys.executable, "-m", "dvc", "status", "--json"]
+    result = subprocess.run(command, cwd=project_dir, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"`dvc status --json` failed in {project_dir} with exit code {result.returncode}:\n"
+            f"{result.stderr.strip()}\nrun it there by hand to see what DVC rejects"
+        )
+    # DVC names stages as "dvc.yaml:<stage>" when several dvc.yaml files exist; keep the stage name.
+    return {name.split(":")[-1] for name in json.loads(result.stdout or "{}")}
+
+
+def stages_to_run(selected: list[str], changed: set[str]) -> list[str]:
+    """Drop the leading stages of `selected` that are up to date.
+
+    Once one stage runs, every later selected stage runs too (through `dvc repro --single-item`,
+    which still skips it when its inputs did not change), because the stage that ran may have
+    changed their inputs. STAGES is in pipeline order, so a later stage never feeds an earlier one.
+    """
+    for position, stage in enumerate(selected):
+        if stage in changed:
+            return selected[position:]
+    return []
+
+
+@task
 def publish_artifacts(project_dir: str, run_id: str) -> None:
     """Publish the evaluation report with the MLflow runs, and the pairs summary, as Prefect artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -187,8 +217,12 @@ def close_parent_run(project_dir: str, run_id: str, status: str) -> None:
 @flow(name="pgdpo-pipeline", log_prints=False)
 def pipeline(
     project_dir: str = ".", stages: list[str] | None = None, stage_timeouts: dict[str, float] | None = None
-) -> str:
+) -> str | None:
     """Run the DVC stages in order (all by default) under one MLflow parent run; return its id.
+
+    One `dvc status` call first finds the leading stages that are up to date, and the flow skips
+    them without starting DVC for each. When every selected stage is up to date, the flow opens
+    no MLflow run and returns None.
 
     Args:
         project_dir: the DVC project root.
@@ -199,11 +233,20 @@ def pipeline(
     experiment = load_params(Path(project) / "params.yaml").tracking.experiment
     selected = list(stages or STAGES)
     timeouts = {stage: stage_timeout(stage, stage_timeouts) for stage in selected}
+    logger = get_run_logger()
+
+    to_run = stages_to_run(selected, changed_stages(project))
+    for stage in selected[: len(selected) - len(to_run)]:
+        logger.info("stage %s is up to date (dvc status); skipped", stage)
+    if not to_run:
+        logger.info("every selected stage is up to date; no MLflow run opened, no artifacts published")
+        return None
+
     parent = open_parent_run(project, experiment)
     env = {"PGDPO_PARENT_RUN_ID": parent}
     status = "FAILED"
     try:
-        for stage in selected:
+        for stage in to_run:
             run_stage.with_options(timeout_seconds=timeouts[stage])(stage, project, env)
         status = "FINISHED"
     finally:

@@ -10,7 +10,7 @@ from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.artifacts import pairs_description, pairs_summary_rows
-from flows.pipeline import StageFailed, pipeline, should_retry, stage_timeout
+from flows.pipeline import StageFailed, pipeline, should_retry, stage_timeout, stages_to_run
 from pgdpo.config import ParamsError
 from pgdpo.stage import EXIT_INVALID_PARAMS
 from tests.conftest import make_project
@@ -36,6 +36,18 @@ def test_flow_runs_stage_under_parent_run(harness, tmp_path, monkeypatch):
     assert child["tags.mlflow.runName"].tolist() == ["prompts"]
     assert runs.set_index("run_id").loc[parent_id, "status"] == "FINISHED"
     assert (project / "data/prompts/train.txt").read_text().count("\n") == 48
+
+    # Nothing changed: `dvc status` skips the stage and no second parent run is opened.
+    assert pipeline(str(project), stages=["prompts"]) is None
+    assert len(mlflow.search_runs(experiment_names=["pgdpo"])) == len(runs)
+
+
+def test_stages_to_run_keeps_everything_after_the_first_change():
+    order = ["prompts", "base", "generate", "score"]
+    assert stages_to_run(order, set()) == []
+    assert stages_to_run(order, {"generate"}) == ["generate", "score"]
+    assert stages_to_run(order, {"base", "score"}) == ["base", "generate", "score"]
+    assert stages_to_run(order, {"label"}) == []
 
 
 def test_invalid_params_fail_flow_before_stages(harness, tmp_path, monkeypatch, caplog):
