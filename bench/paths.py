@@ -26,6 +26,7 @@ from bench.models import ClipPairs, load_model
 from pgdpo.config import Params
 from pgdpo.losses import compute_loss
 from pgdpo.training.lora import add_lora
+from pgdpo.training.speed import compile_denoiser
 from pgdpo.training.trainer import PairData, TrainConfig, preference_step
 
 # Batch size of the one-off latent encoding, the same as `pgdpo.pairs.cache_latents` uses.
@@ -108,9 +109,12 @@ class PgdpoPath(_LoraPolicy):
 
     name = "pgdpo"
 
-    def __init__(self, model: str, device: torch.device, params: Params, clips: ClipPairs, batch_size: int):
+    def __init__(self, model: str, device: torch.device, params: Params, clips: ClipPairs, batch_size: int,
+                 compiled: bool = False):
         super().__init__(model, device, params, batch_size, keep_reference=False)
         self.pairs = encode_pairs(self.adapter, clips)
+        if compiled:
+            compile_denoiser(self.adapter.denoiser)
 
     def step(self, rows: np.ndarray, noise: torch.Tensor, sigmas: torch.Tensor) -> StepResult:
         phases: dict[str, float] = {}

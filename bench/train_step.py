@@ -145,11 +145,20 @@ def timed_loss_metrics(device: torch.device, sink: list[float]):
         loss_dispatch._metrics = original
 
 
-def compare_steps(model: str, device: torch.device, params: Params, sizes: Sizes) -> tuple[dict, PgdpoPath]:
-    """Run both paths interleaved on identical inputs; return times, losses and the pgdpo path."""
+def compare_steps(
+    model: str, device: torch.device, params: Params, sizes: Sizes, compiled: bool = False
+) -> tuple[dict, PgdpoPath]:
+    """Run the paths interleaved on identical inputs; return times, losses and the pgdpo path.
+
+    With `compiled`, a third path runs pgdpo's step with the denoiser under `torch.compile`
+    (`train.compile`); its warm-up steps hold the compilation and are reported separately.
+    """
     clips = render_pairs(sizes.num_pairs, MODELS[model].spec, seed=0)
     paths = {"baseline": BaselinePath(model, device, params, clips, sizes.batch_size),
              "pgdpo": PgdpoPath(model, device, params, clips, sizes.batch_size)}
+    if compiled:
+        paths["pgdpo_compiled"] = PgdpoPath(model, device, params, clips, sizes.batch_size, compiled=True)
+    warmup_times: dict[str, list[float]] = {name: [] for name in paths}
     times: dict[str, list[float]] = {name: [] for name in paths}
     phases: dict[str, list[dict]] = {name: [] for name in paths}
     losses: dict[str, list[float]] = {name: [] for name in paths}
@@ -170,6 +179,8 @@ def compare_steps(model: str, device: torch.device, params: Params, sizes: Sizes
             if rep >= sizes.warmup:
                 times[name].append(watch.seconds)
                 phases[name].append(result.phases)
+            else:
+                warmup_times[name].append(watch.seconds)
 
     loss_w, loss_p = np.array(losses["baseline"]), np.array(losses["pgdpo"])
     abs_diff = np.abs(loss_w - loss_p)
@@ -191,7 +202,26 @@ def compare_steps(model: str, device: torch.device, params: Params, sizes: Sizes
         "losses_match": bool(np.all(abs_diff <= LOSS_ATOL + LOSS_RTOL * np.abs(loss_p))),
         "loss_metrics_s": summarise_times(metric_times),
     }
+    if compiled:
+        result["compiled"] = compiled_summary(times, warmup_times, losses)
     return result, paths["pgdpo"]
+
+
+def compiled_summary(times: dict[str, list[float]], warmup_times: dict[str, list[float]],
+                     losses: dict[str, list[float]]) -> dict:
+    """Speed of the compiled pgdpo step against both eager paths, its compile cost and its loss gap."""
+    baseline, eager, compiled = (statistics.median(times[name]) for name in ("baseline", "pgdpo", "pgdpo_compiled"))
+    # Compilation happens in the warm-up steps; what they took beyond eager warm-up steps is its cost.
+    compile_s = sum(warmup_times["pgdpo_compiled"]) - sum(warmup_times["pgdpo"])
+    gap = np.abs(np.array(losses["pgdpo_compiled"]) - np.array(losses["baseline"]))
+    return {
+        "speedup_over_baseline": baseline / compiled,
+        "speedup_over_eager_pgdpo": eager / compiled,
+        "compile_s": compile_s,
+        "break_even_steps_vs_eager_pgdpo": compile_s / (eager - compiled) if eager > compiled else math.inf,
+        "loss_max_abs_diff": float(gap.max()),
+        "loss_max_rel_diff": float((gap / np.maximum(np.abs(np.array(losses["baseline"])), 1e-12)).max()),
+    }
 
 
 # ----- diagnostics and probe ------------------------------------------------------------------
@@ -319,6 +349,17 @@ def build_tables(results: dict) -> dict[str, str]:
         for name, cost in diagnostics["costs"].items():
             diagnostic_rows.append([model, name, cost["seconds_per_call"] * 1000, cost["every_steps"],
                                     100 * cost["share_of_step"]])
+    tables = {}
+    compiled_rows = [
+        [model, entry["steps"]["times"]["pgdpo_compiled"]["median_s"] * 1000, c["speedup_over_baseline"],
+         c["speedup_over_eager_pgdpo"], c["compile_s"], c["break_even_steps_vs_eager_pgdpo"], c["loss_max_rel_diff"]]
+        for model, entry in results["models"].items()
+        if (c := entry["steps"].get("compiled"))
+    ]
+    if compiled_rows:
+        tables["pgdpo step with train.compile (ratios against the median steps above)"] = format_table(
+            ["model", "compiled ms", "baseline / compiled", "eager pgdpo / compiled", "compile s",
+             "break-even steps vs eager", "max rel loss diff vs baseline"], compiled_rows)
     return {
         "Training step (median per step; ratio = baseline / pgdpo)": format_table(
             ["model", "baseline ms", "pgdpo ms", "ratio of medians", "median of rep ratios", ">= 2x",
@@ -328,7 +369,7 @@ def build_tables(results: dict) -> dict[str, str]:
             memory_rows),
         "Diagnostics (share of the pgdpo step time, amortised over their interval)": format_table(
             ["model", "diagnostic", "ms per call", "every N steps", "% of training"], diagnostic_rows),
-    }
+    } | tables
 
 
 def main() -> None:
@@ -337,6 +378,8 @@ def main() -> None:
     def options(parser) -> None:
         add_models_option(parser, list(MODELS))
         parser.add_argument("--reps", type=int, default=20, help="timed steps per path and model (full run)")
+        parser.add_argument("--compile", action="store_true",
+                            help="also time pgdpo's step with the denoiser under torch.compile (train.compile)")
 
     args = parse_args(__doc__.splitlines()[0], options)
     if args.models is None:
@@ -352,7 +395,7 @@ def main() -> None:
     memory = measure_all_memory(args.models, args.device, sizes)
     result["models"] = {}
     for model in args.models:
-        steps, pgdpo = compare_steps(model, args.device, params, sizes)
+        steps, pgdpo = compare_steps(model, args.device, params, sizes, compiled=args.compile)
         step_s = steps["times"]["pgdpo"]["median_s"]
         diagnostics = time_diagnostics(
             pgdpo, args.device, params, sizes, step_s, steps["loss_metrics_s"]["median_s"],

@@ -149,6 +149,10 @@ class TrainParams(Section):
     checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints; 0 disables them")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step; batch_size stays the pairs per step")
     gradient_checkpointing: bool = Field(False, description="recompute denoiser activations in backward to save memory")
+    compile: bool = Field(False, description="torch.compile the denoiser; pays off in long runs, costs minutes to compile")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode when train.compile is true"
+    )
     offload_frozen: bool = Field(True, description="release the text encoders and VAE: training reads cached latents")
     num_processes: int = Field(1, ge=1, description="data-parallel processes; >1 relaunches train with accelerate launch")
     seed: int = 0

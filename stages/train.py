@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import torch
 
-from pgdpo.config import Params, ParamsError, load_params
+from pgdpo.config import Params, load_params
 from pgdpo.io import atomic_dir, read_table, write_json, write_table
 from pgdpo.models import load_base
 from pgdpo.pairs import open_latents
@@ -24,6 +24,7 @@ from pgdpo.tracking import Tracker
 from pgdpo.video import file_sha256
 from pgdpo.training.lora import add_lora, save_lora
 from pgdpo.training.parallel import DataParallel, relaunch
+from pgdpo.training.speed import compile_denoiser, enable_gradient_checkpointing
 from pgdpo.training.trainer import PairData, TrainConfig, normalise_scores, train_preference
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ def run(params: Params, tracker: Tracker) -> None:
     add_lora(adapter, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, seed=cfg.seed)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(adapter.denoiser)
+    if cfg.compile:
+        compile_denoiser(adapter.denoiser, cfg.compile_mode)
     train_cfg = TrainConfig(
         method=cfg.method,
         loss=cfg.loss_config(),
@@ -120,34 +123,3 @@ def run(params: Params, tracker: Tracker) -> None:
     tracker.log_dataset(PAIRS / "pairs.csv", "pairs", context="training")
     tracker.log_lora_model(params, BASE_MODEL, ADAPTER)
     parallel.stop()
-
-
-def enable_gradient_checkpointing(denoiser: torch.nn.Module) -> None:
-    """Recompute the denoiser's block activations during backward instead of storing them."""
-    if not getattr(denoiser, "_supports_gradient_checkpointing", False):
-        raise ParamsError(
-            f"train.gradient_checkpointing: {type(denoiser).__name__} does not support gradient "
-            "checkpointing in diffusers; set train.gradient_checkpointing: false"
-        )
-    denoiser.enable_gradient_checkpointing()
-    logger.info("gradient checkpointing enabled on %s", type(denoiser).__name__)
-
-
-def relaunch_if_parallel() -> None:
-    """Rerun this stage under `accelerate launch` when train.num_processes > 1, and exit with its code.
-
-    Does nothing inside a launched rank, or when params.yaml is invalid (stage_main reports that).
-    """
-    try:
-        num_processes = load_params().train.num_processes
-    except ParamsError:
-        return
-    if num_processes == 1 or DataParallel.from_env().active:
-        return
-    setup_logging()
-    sys.exit(relaunch("stages.train", num_processes))
-
-
-if __name__ == "__main__":
-    relaunch_if_parallel()
-    stage_main("train", run, ["runtime", "base", "train"])

@@ -1,6 +1,6 @@
 """Memory and speed options on a tiny Wan pipeline: each must leave the numbers unchanged on CPU.
 
-Covers gradient accumulation, gradient checkpointing, autocast on CPU, VAE slicing and
+Covers gradient accumulation, gradient checkpointing, torch.compile (slow), autocast on CPU, VAE slicing and
 tiling, model CPU offload on CPU, releasing the frozen modules for training, and the
 family checks of the video size.
 """
@@ -23,8 +23,8 @@ from pgdpo.models.memory import configure_vae
 from pgdpo.models.tiny_families import TINY_FAMILIES
 from pgdpo.training.lora import add_lora
 from pgdpo.training.parallel import DataParallel
+from pgdpo.training.speed import compile_denoiser, enable_gradient_checkpointing
 from pgdpo.training.trainer import PairData, TrainConfig, accumulate_gradients, pair_errors, train_preference
-from stages.train import enable_gradient_checkpointing
 from tests.conftest import TINY_WAN_VIDEO
 
 CPU = torch.device("cpu")
@@ -139,6 +139,29 @@ def test_gradient_checkpointing_unsupported_raises():
     pipe = TINY_FAMILIES["text_to_video_sd"].build(0)
     with pytest.raises(ParamsError, match="UNet3DConditionModel does not support gradient checkpointing"):
         enable_gradient_checkpointing(pipe.unet)
+
+
+# ----- torch.compile -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compiled_denoiser_same_loss_gradients_and_keys(tiny_wan_folder: Path):
+    # About a minute: inductor compiles the policy, reference and no-gradient graphs.
+    adapter = lora_adapter(tiny_wan_folder)
+    pairs = random_pairs(4)
+    keys = list(adapter.denoiser.state_dict())
+    plain, plain_parts = lora_gradients(adapter, pairs, train_config())
+    compile_denoiser(adapter.denoiser)
+    compiled, compiled_parts = lora_gradients(adapter, pairs, train_config())
+
+    assert list(adapter.denoiser.state_dict()) == keys, "compiling must keep the state-dict keys LoRA saving uses"
+    # Fused kernels round differently; beta = 500 scales the error differences that the loss sees,
+    # so the loss agrees to about 1e-4 and the per-pair errors (diff_chosen) far more closely.
+    assert compiled_parts[0][1]["loss"] == pytest.approx(plain_parts[0][1]["loss"], rel=2e-4)
+    assert compiled_parts[0][1]["diff_chosen"] == pytest.approx(plain_parts[0][1]["diff_chosen"], rel=1e-3, abs=1e-7)
+    errors = {name: float((compiled[name] - plain[name]).abs().max() / plain[name].abs().max()) for name in plain}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 5e-4, f"gradient of {worst} differs by {errors[worst]:.2e} of its largest entry"
 
 
 # ----- autocast ----------------------------------------------------------------------------
