@@ -18,7 +18,7 @@ run() {
     echo "$(date -u +%FT%TZ) done  $output (load: $(cut -d' ' -f1-3 /proc/loadavg))"
 }
 
-run train_step train_step --reps 20
+run train_step train_step --reps 20 --compile
 run generation generation --prompts 8 --reps 3
 run cpu_efficiency cpu_efficiency --reps 5
 run scaling scaling
