@@ -237,9 +237,9 @@ def pipeline(
 
     to_run = stages_to_run(selected, changed_stages(project))
     for stage in selected[: len(selected) - len(to_run)]:
-        logger.info("stage %s is up to date (dvc status); skipped", stage)
+        logger.info("skipping stage %s: dvc status reports it up to date", stage)
     if not to_run:
-        logger.info("every selected stage is up to date; no MLflow run opened, no artifacts published")
+        logger.info("every selected stage is up to date, so the flow opens no MLflow run and publishes no artifacts")
         return None
 
     parent = open_parent_run(project, experiment)

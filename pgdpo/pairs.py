@@ -164,9 +164,9 @@ class LatentRows:
     """Rows of one tensor of a latent cache, read from the safetensors file when indexed.
 
     Training indexes a batch of rows per step, so only that batch is in memory, and memory does
-    not grow with the number of cached pairs. Rows are read with `os.pread` into fresh buffers
-    instead of through a memory map, so the pages of the file do not count in the process's
-    resident memory. Indexing returns the same values as the tensor `load_latents` returns.
+    not grow with the number of cached pairs. Rows are read with `os.pread` into new buffers,
+    not through a memory map, so the file's pages do not count in the process's resident memory.
+    Indexing returns the same values as the tensor that `load_latents` returns.
     """
 
     def __init__(self, path: Path, key: str, rows: np.ndarray | None = None):

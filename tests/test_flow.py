@@ -42,7 +42,7 @@ def test_flow_runs_stage_under_parent_run(harness, tmp_path, monkeypatch):
     assert len(mlflow.search_runs(experiment_names=["pgdpo"])) == len(runs)
 
 
-def test_stages_to_run_keeps_everything_after_the_first_change():
+def test_stages_to_run_from_first_change():
     order = ["prompts", "base", "generate", "score"]
     assert stages_to_run(order, set()) == []
     assert stages_to_run(order, {"generate"}) == ["generate", "score"]
