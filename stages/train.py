@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import torch
 
-from pgdpo.config import Params, load_params
+from pgdpo.config import Params, ParamsError, load_params
 from pgdpo.io import atomic_dir, read_table, write_json, write_table
 from pgdpo.models import load_base
 from pgdpo.pairs import open_latents
@@ -123,3 +123,23 @@ def run(params: Params, tracker: Tracker) -> None:
     tracker.log_dataset(PAIRS / "pairs.csv", "pairs", context="training")
     tracker.log_lora_model(params, BASE_MODEL, ADAPTER)
     parallel.stop()
+
+
+def relaunch_if_parallel() -> None:
+    """Rerun this stage under `accelerate launch` when train.num_processes > 1, and exit with its code.
+
+    Does nothing inside a launched rank, or when params.yaml is invalid (stage_main reports that).
+    """
+    try:
+        num_processes = load_params().train.num_processes
+    except ParamsError:
+        return
+    if num_processes == 1 or DataParallel.from_env().active:
+        return
+    setup_logging()
+    sys.exit(relaunch("stages.train", num_processes))
+
+
+if __name__ == "__main__":
+    relaunch_if_parallel()
+    stage_main("train", run, ["runtime", "base", "train"])
