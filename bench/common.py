@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -222,8 +223,19 @@ def result_header(name: str, args) -> dict[str, Any]:
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": " ".join([Path(sys.executable).name, "-m", f"bench.{name}", *sys.argv[1:]]),
         "smoke": bool(args.smoke),
+        "code": code_version(),
         "machine": machine_info(args.device),
     }
+
+
+def code_version() -> dict[str, Any]:
+    """Return the git commit of the checkout and whether tracked files differ from it."""
+    def git(*arguments: str) -> str:
+        result = subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    return {"git_commit": commit or None, "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -383,8 +383,9 @@ def main() -> None:
                             help="also time pgdpo's step with the denoiser under torch.compile (train.compile)")
 
     args = parse_args(__doc__.splitlines()[0], options)
-    if args.compile and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        # Compiled kernels cached by an earlier run would hide the compile time this script reports.
+    if args.compile:
+        # Kernels that an earlier run left in torch's default cache folder would hide the compile
+        # time, so every run compiles into a new, empty folder (torch reads the variable per lookup).
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
     if args.models is None:
         args.models = ["tiny_wan"] if args.smoke else list(MODELS)
@@ -392,6 +393,7 @@ def main() -> None:
     sizes = sizes_for(args, params)
     result = result_header("train_step", args)
     result["sizes"] = sizes.__dict__
+    result["inductor_cache_dir"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR") if args.compile else None
     result["train_settings"] = {"method": params.train.method, "lora_rank": params.train.lora.rank,
                                 "probe_every": params.train.probe_every, "log_every": params.train.log_every}
 
