@@ -149,6 +149,21 @@ def changed_stages(project_dir: str) -> set[str]:
     return {name.split(":")[-1] for name in json.loads(result.stdout or "{}")}
 
 
+def check_stage_names(project_dir: str, names: list[str], what: str) -> None:
+    """Raise ValueError when `names` holds a stage that dvc.yaml of `project_dir` does not define.
+
+    Without this check a misspelled stage would be skipped silently, because `dvc status` never
+    reports it as changed.
+    """
+    import yaml
+
+    dvc_file = Path(project_dir) / "dvc.yaml"
+    defined = list((yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {}))
+    unknown = [name for name in names if name not in defined]
+    if unknown:
+        raise ValueError(f"the flow parameter `{what}` names unknown stages {unknown}; {dvc_file} defines {defined}")
+
+
 def stages_to_run(selected: list[str], changed: set[str]) -> list[str]:
     """Drop the leading stages of `selected` that are up to date.
 
@@ -232,6 +247,8 @@ def pipeline(
     project = str(Path(project_dir).resolve())
     experiment = load_params(Path(project) / "params.yaml").tracking.experiment
     selected = list(stages or STAGES)
+    check_stage_names(project, selected, "stages")
+    check_stage_names(project, list(stage_timeouts or {}), "stage_timeouts")
     timeouts = {stage: stage_timeout(stage, stage_timeouts) for stage in selected}
     logger = get_run_logger()
 

@@ -99,6 +99,20 @@ def test_timeouts_are_not_retried():
     assert should_retry(TimeoutError("stage ran past its timeout")) is False
 
 
+def test_unknown_stage_names_rejected(harness, tmp_path, monkeypatch):
+    project = make_project(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+
+    with pytest.raises(ValueError, match=r"`stages` names unknown stages \['promts'\]") as failure:
+        pipeline(str(project), stages=["promts"])
+    assert "'prompts'" in str(failure.value)
+    with pytest.raises(ValueError, match=r"`stage_timeouts` names unknown stages \['trian'\]"):
+        pipeline(str(project), stages=["prompts"], stage_timeouts={"trian": 60.0})
+
+    assert not (project / "data/prompts").exists()
+    assert not (project / "mlflow.db").exists()
+
+
 def test_stage_timeout_rejects_zero():
     with pytest.raises(ValueError, match="stage_timeouts\\['train'\\] = 0"):
         stage_timeout("train", {"train": 0})
