@@ -149,11 +149,11 @@ def changed_stages(project_dir: str) -> set[str]:
     return {name.split(":")[-1] for name in json.loads(result.stdout or "{}")}
 
 
-def check_stage_names(project_dir: str, names: list[str], what: str) -> None:
-    """Raise ValueError when `names` holds a stage that dvc.yaml of `project_dir` does not define.
+def check_stage_names(project_dir: str, names: list[str], parameter: str) -> None:
+    """Raise ValueError when `names` contains a stage that the dvc.yaml of `project_dir` does not define.
 
-    Without this check a misspelled stage would be skipped silently, because `dvc status` never
-    reports it as changed.
+    Without this check the flow would skip a misspelled stage silently, because `dvc status` never
+    reports an unknown stage as changed.
     """
     import yaml
 
@@ -161,7 +161,10 @@ def check_stage_names(project_dir: str, names: list[str], what: str) -> None:
     defined = list((yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {}))
     unknown = [name for name in names if name not in defined]
     if unknown:
-        raise ValueError(f"the flow parameter `{what}` names unknown stages {unknown}; {dvc_file} defines {defined}")
+        raise ValueError(
+            f"invalid flow parameter `{parameter}`: unknown stages {unknown}. "
+            f"Use stage names that {dvc_file} defines: {defined}"
+        )
 
 
 def stages_to_run(selected: list[str], changed: set[str]) -> list[str]:

@@ -103,10 +103,10 @@ def test_unknown_stage_names_rejected(harness, tmp_path, monkeypatch):
     project = make_project(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
 
-    with pytest.raises(ValueError, match=r"`stages` names unknown stages \['promts'\]") as failure:
+    with pytest.raises(ValueError, match=r"`stages`: unknown stages \['promts'\]") as failure:
         pipeline(str(project), stages=["promts"])
     assert "'prompts'" in str(failure.value)
-    with pytest.raises(ValueError, match=r"`stage_timeouts` names unknown stages \['trian'\]"):
+    with pytest.raises(ValueError, match=r"`stage_timeouts`: unknown stages \['trian'\]"):
         pipeline(str(project), stages=["prompts"], stage_timeouts={"trian": 60.0})
 
     assert not (project / "data/prompts").exists()
