@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,6 +46,10 @@ DEFAULT_TIMEOUTS_S = {
 # Seconds a stopped stage gets to exit after SIGTERM before SIGKILL.
 STOP_GRACE_S = 10.0
 STAGES = ("prompts", "base", "generate", "reward_model", "score", "label", "train", "evaluate_base", "evaluate")
+
+
+# DVC exits 255 when a stage command fails and reports the command's own exit code in this line.
+DVC_EXIT_LINE = re.compile(r"exited with (-?\d+)")
 
 
 class StageFailed(RuntimeError):
@@ -110,7 +115,19 @@ def run_stage(stage: str, project_dir: str, env: dict[str, str]) -> None:
             logger.error("stopping stage %s (process group %d)", stage, process.pid)
             stop_process_group(process)
     if returncode != 0:
-        raise StageFailed(stage, returncode, "\n".join(tail))
+        raise StageFailed(stage, stage_exit_code(tail, returncode), "\n".join(tail))
+
+
+def stage_exit_code(output_tail: list[str], dvc_returncode: int) -> int:
+    """Return the stage command's exit code from DVC's "exited with N" line, else DVC's own code.
+
+    `should_retry` needs the stage's code, because DVC exits 255 for every failed stage.
+    """
+    for line in reversed(output_tail):
+        match = DVC_EXIT_LINE.search(line)
+        if match:
+            return int(match.group(1))
+    return dvc_returncode
 
 
 def stop_process_group(process: subprocess.Popen) -> None:

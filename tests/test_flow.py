@@ -10,9 +10,10 @@ from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.artifacts import pairs_description, pairs_summary_rows
-from flows.pipeline import StageFailed, pipeline, should_retry, stage_timeout, stages_to_run
+from flows.pipeline import StageFailed, pipeline, should_retry, stage_exit_code, stage_timeout, stages_to_run
 from pgdpo.config import ParamsError
 from pgdpo.stage import EXIT_INVALID_PARAMS
+from pgdpo.world import split_prompts
 from tests.conftest import make_project
 
 
@@ -82,6 +83,26 @@ def test_failing_stage_fails_flow_with_its_error(harness, tmp_path, monkeypatch,
     assert failure.value.stage == "evaluate_base"
     assert failure.value.returncode != 0
     assert "evaluate_base |" in caplog.text
+
+
+def test_invalid_params_in_stage_not_retried(harness, tmp_path, monkeypatch, caplog):
+    project = make_project(tmp_path, {"prompts": {"train_file": "data/prompt_files/train.txt"}})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    # The schema accepts the file; the stage itself finds the eval prompt in it and exits 78.
+    held_out = split_prompts(3, 0)[1][0]
+    (project / "data/prompt_files/train.txt").write_text(f"a cat walking\n{held_out}\n", encoding="utf-8")
+
+    with pytest.raises(StageFailed) as failure:
+        pipeline(str(project), stages=["prompts"])
+
+    assert failure.value.returncode == EXIT_INVALID_PARAMS
+    assert caplog.text.count("running ") == 1
+
+
+def test_stage_exit_code_from_dvc_output():
+    tail = ["ERROR: failed to reproduce 'prompts': failed to run: python -m stages.prompts, exited with 78"]
+    assert stage_exit_code(tail, 255) == EXIT_INVALID_PARAMS
+    assert stage_exit_code(["ERROR: lock file is busy"], 255) == 255
 
 
 def test_stage_timeout_stops_stage(harness, tmp_path, monkeypatch, caplog):
