@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pgdpo.losses import METHODS, LossConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
+# Device names that `pgdpo.runtime.resolve_device` accepts.
+DEVICE_PATTERN = r"^(cpu|auto|cuda(:\d+)?)$"
 
 
 class ParamsError(ValueError):
@@ -26,7 +28,7 @@ class Section(BaseModel):
 
 
 class RuntimeParams(Section):
-    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N or auto")
+    device: str = Field("cpu", pattern=DEVICE_PATTERN, description="torch device: cpu, cuda, cuda:N or auto")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weight dtype of the base model")
     autocast: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="mixed-precision dtype for training forward passes (CUDA only)"
@@ -102,6 +104,15 @@ class GenerateParams(Section):
     dask_address: str | None = Field(None, description="scheduler address of a running Dask cluster; null starts a local one")
 
 
+def _check_scorer_names(names: list[str]) -> None:
+    """Raise ValueError naming each of `names` that is not a registered scorer."""
+    from pgdpo.scoring.registry import available_scorers
+
+    unknown = [name for name in names if name not in available_scorers()]
+    if unknown:
+        raise ValueError(f"unknown scorer names {unknown}. Use names from {available_scorers()}")
+
+
 class ScoreParams(Section):
     weights: dict[str, float] = Field(
         default_factory=lambda: {"oracle_alignment": 1.0, "temporal_flickering": 0.25},
@@ -116,6 +127,7 @@ class ScoreParams(Section):
     def _positive_weights(cls, weights: dict[str, float]) -> dict[str, float]:
         if not weights:
             raise ValueError("needs at least one scorer")
+        _check_scorer_names(list(weights))
         negative = {name: w for name, w in weights.items() if w < 0}
         if negative:
             raise ValueError(f"weights must be >= 0, got {negative}")
@@ -138,7 +150,7 @@ class LoraParams(Section):
 
 class TrainParams(Section):
     method: str = Field("pgdpo", description=f"preference loss, one of {list(METHODS)}")
-    steps: int = Field(200, ge=1)
+    steps: int = Field(150, ge=1)
     batch_size: int = Field(8, ge=1, description="pairs per step")
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -214,7 +226,7 @@ class ClipParams(Section):
         None, description="open_clip pretrained tag (e.g. openai) or a local checkpoint file; ignored for local-dir:"
     )
     cache_dir: str | None = Field(None, description="open_clip download cache; with HF_HUB_OFFLINE=1 nothing downloads")
-    device: str = Field("cpu", description="torch device of the CLIP model")
+    device: str = Field("cpu", pattern=DEVICE_PATTERN, description="torch device of the CLIP model: cpu, cuda, cuda:N or auto")
 
 
 class AestheticParams(ClipParams):
@@ -243,6 +255,7 @@ class ScoringParams(Section):
     def _unique_dimensions(cls, dimensions: list[str]) -> list[str]:
         if not dimensions:
             raise ValueError("needs at least one scorer name")
+        _check_scorer_names(dimensions)
         duplicates = sorted({name for name in dimensions if dimensions.count(name) > 1})
         if duplicates:
             raise ValueError(f"lists {duplicates} more than once")
@@ -267,7 +280,7 @@ class RewardModelParams(Section):
 
 
 class TrackingParams(Section):
-    experiment: str = "pgdpo"
+    experiment: str = Field("pgdpo", min_length=1, description="MLflow experiment of the pipeline's runs")
     required: bool = Field(True, description="fail when MLflow is unreachable; false warns and continues")
     registered_model: str | None = Field(
         "pgdpo-lora", description="MLflow registry name of the trained LoRA as a pyfunc model; null skips logging it"
@@ -290,6 +303,31 @@ class Params(Section):
     reward_model: RewardModelParams = Field(default_factory=RewardModelParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
 
+    @model_validator(mode="after")
+    def _shapes_frame_count(self) -> Params:
+        # The shapes-world VAE compresses time by 2, so it decodes 1 + 2k frames.
+        frames = self.world.num_frames
+        if self.base.model == "shapes" and (frames - 1) % 2:
+            raise ValueError(
+                f"world.num_frames = {frames} is not 1 + 2k, which the shapes-world VAE needs; use {frames + 1}"
+            )
+        return self
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that raises on a key given twice in one mapping, as DVC does."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}; keep one of its entries", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     """Read and validate params.yaml; raise ParamsError naming each invalid key."""
@@ -297,7 +335,11 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     if not path.is_file():
         raise ParamsError(f"params file {path} not found; run from the project root or pass its path")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        loader = _UniqueKeyLoader(path.read_text())
+        try:
+            raw = loader.get_single_data() or {}
+        finally:
+            loader.dispose()
     except yaml.YAMLError as error:
         raise ParamsError(f"params file {path} is not valid YAML: {error}") from error
     try:
@@ -313,5 +355,9 @@ def _format_errors(path: Path, error: ValidationError) -> str:
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
         value = item.get("input")
-        lines.append(f"  {key} = {value!r}: {item['msg']}")
+        # A check across keys reports a whole section (or the whole file), whose message names the keys.
+        if isinstance(value, dict) and not item["type"].startswith(("extra", "dict", "model")):
+            lines.append(f"  {key or 'params'}: {item['msg']}")
+        else:
+            lines.append(f"  {key} = {value!r}: {item['msg']}")
     return "\n".join(lines)

@@ -44,6 +44,11 @@ def test_default_params_are_valid():
         (lambda p: p["score"].update(weights={"oracle_alignment": -1.0}), "score.weights"),
         (lambda p: p["prompts"].update(num_eval_combos=11), "prompts.num_eval_combos = 11"),
         (lambda p: p["train"].update(steps=0), "train.steps = 0"),
+        (lambda p: p["world"].update(num_frames=4), "world.num_frames = 4 is not 1 + 2k"),
+        (lambda p: p["score"].update(weights={"oracle_alinment": 1.0}), "unknown scorer names ['oracle_alinment']"),
+        (lambda p: p["scoring"].update(dimensions=["clip_scor"]), "unknown scorer names ['clip_scor']"),
+        (lambda p: p["runtime"].update(device="gpu"), "runtime.device = 'gpu'"),
+        (lambda p: p["tracking"].update(experiment=""), "tracking.experiment = ''"),
     ],
 )
 def test_invalid_value_names_key(tmp_path, edit, message):
@@ -51,6 +56,24 @@ def test_invalid_value_names_key(tmp_path, edit, message):
     with pytest.raises(ParamsError) as error:
         load_params(path)
     assert message in str(error.value)
+
+
+def test_duplicate_section_raises(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text() + "train:\n  steps: 3\n")
+
+    with pytest.raises(ParamsError, match="duplicate key 'train'"):
+        load_params(path)
+
+
+def test_section_check_omits_section_value(tmp_path):
+    path = write_params(tmp_path, lambda p: p["scoring"].update(quality_weight=0.0, semantic_weight=0.0))
+
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+
+    assert "scoring.quality_weight + scoring.semantic_weight must be > 0" in str(error.value)
+    assert "'dimensions'" not in str(error.value)
 
 
 def test_missing_params_file_raises(tmp_path):
