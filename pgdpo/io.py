@@ -78,6 +78,21 @@ def write_prompts(path: str | os.PathLike, prompts: list[str]) -> None:
     atomic_write_text(path, "".join(json.dumps(prompt, ensure_ascii=False) + "\n" for prompt in prompts))
 
 
+def parse_prompt_line(line: str) -> str:
+    """Return the prompt of one stripped line: a JSON string as `write_prompts` writes it, else the line itself.
+
+    A plain prompt that merely starts with a quote is kept as written.
+    """
+    if line.startswith('"') and line.endswith('"') and len(line) > 1:
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            return line
+        if isinstance(value, str):
+            return value
+    return line
+
+
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """Read a prompt list: JSON-string lines as `write_prompts` writes them, or plain text lines.
 
@@ -91,7 +106,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
         line = line.strip()
         if not line:
             continue
-        prompts.append(json.loads(line) if line.startswith('"') else line)
+        prompts.append(parse_prompt_line(line))
     if not prompts:
         raise ValueError(f"prompt file {path} contains no prompts; add one prompt per line")
     return prompts

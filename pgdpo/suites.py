@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pgdpo.io import read_prompts
+from pgdpo.io import parse_prompt_line, read_prompts
 from pgdpo.paths import EVAL_PROMPTS
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def _read_text_suite(path: Path) -> PromptSuite:
     prompts = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
-            prompts.append(_check_prompt(line.strip(), f"{path}:{number}"))
+            prompts.append(_check_prompt(parse_prompt_line(line.strip()), f"{path}:{number}"))
     unique = list(dict.fromkeys(prompts))
     if len(unique) < len(prompts):
         logger.warning("%s lists %d prompts more than once; each is kept once", path, len(prompts) - len(unique))

@@ -38,3 +38,10 @@ def test_prompts_round_trip_awkward_text(tmp_path):
     prompts = ["a red circle moving left", 'quote " and\nnewline', "emoji 🎥 / ..", "%20"]
     write_prompts(tmp_path / "prompts.txt", prompts)
     assert read_prompts(tmp_path / "prompts.txt") == prompts
+
+
+def test_read_prompts_keeps_plain_quoted_lines(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text('"starts with a quote\n"two" words "here"\n"json \\u00e9"\n', encoding="utf-8")
+
+    assert read_prompts(path) == ['"starts with a quote', '"two" words "here"', "json é"]

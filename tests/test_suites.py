@@ -188,6 +188,17 @@ def test_hostile_prompt_file(tmp_path):
     assert prompt_from_filename(video_filename("x" * 600, 0)) is None
 
 
+def test_text_suite_reads_written_prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    write_prompts(path, ["a blue circle moving down", '"quoted" at the start'])
+    with path.open("a", encoding="utf-8") as file:
+        file.write('"a plain prompt starting with a quote\n')
+
+    assert read_suite(path).prompts == [
+        "a blue circle moving down", '"quoted" at the start', '"a plain prompt starting with a quote'
+    ]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
