@@ -15,6 +15,19 @@ from typing import Any
 import pandas as pd
 
 
+def umask_mode(mode: int) -> int:
+    """Return `mode` with the process umask applied, as `open` and `mkdir` would create it.
+
+    `tempfile` creates files 0600 and folders 0700 whatever the umask, so outputs built there
+    get this mode before they are renamed into place.
+    """
+    # NOTE: reading the umask means setting it, so another thread creating a file at this
+    # instant would get mode 0o666 or 0o777.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to `path`; on success it replaces `path` in one rename.
@@ -25,6 +38,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    tmp.chmod(umask_mode(0o777))
     try:
         yield tmp
     except BaseException:
@@ -44,6 +58,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
+        os.fchmod(fd, umask_mode(0o666))
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
         os.replace(tmp, path)

@@ -91,12 +91,16 @@ def pinned_requirements() -> list[str]:
 
 
 def model_signature():
-    """Return the signature: prompt and seed in, prompt, seed and video_path out, plus sampling params."""
-    from mlflow.models import infer_signature
+    """Return the signature: prompt and an optional seed in, prompt, seed and video_path out, plus sampling params."""
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import ColSpec, Schema
 
     example_in = pd.DataFrame({"prompt": ["a red circle moving left"], "seed": [0]})
     example_out = example_in.assign(video_path=["a red circle moving left-0.mp4"])
-    return infer_signature(example_in, example_out, params=DEFAULT_PARAMS)
+    inferred = infer_signature(example_in, example_out, params=DEFAULT_PARAMS)
+    # An inferred schema makes every example column required, so the seed column is declared by hand.
+    inputs = Schema([ColSpec("string", "prompt"), ColSpec("long", "seed", required=False)])
+    return ModelSignature(inputs=inputs, outputs=inferred.outputs, params=inferred.params)
 
 
 def log_lora_model(params, base_dir: Path, adapter_dir: Path, registered_model: str | None) -> str:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from pgdpo.io import canonicalise_safetensors_header, read_prompts, write_prompts
+from pgdpo.io import atomic_dir, canonicalise_safetensors_header, read_prompts, write_json, write_prompts
 
 
 def test_safetensors_header_order_canonical(tmp_path):
@@ -45,3 +47,16 @@ def test_read_prompts_keeps_plain_quoted_lines(tmp_path):
     path.write_text('"starts with a quote\n"two" words "here"\n"json \\u00e9"\n', encoding="utf-8")
 
     assert read_prompts(path) == ['"starts with a quote', '"two" words "here"', "json é"]
+
+
+def test_atomic_outputs_follow_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        write_json(tmp_path / "metrics.json", {"value": 1})
+        with atomic_dir(tmp_path / "folder") as folder:
+            (folder / "file.txt").write_text("x")
+    finally:
+        os.umask(previous)
+
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755

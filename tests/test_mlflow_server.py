@@ -141,3 +141,7 @@ def test_registered_model_predicts_clip(mlflow_server, tracked_project, stage_ru
     frames = read_video(output.loc[0, "video_path"])
     params = yaml.safe_load((tracked_project / "params.yaml").read_text())
     assert frames.shape == (params["world"]["num_frames"], params["world"]["height"], params["world"]["width"], 3)
+
+    # Without a seed column the rows get params["seed"] plus the row number.
+    unseeded = model.predict(prompts[["prompt"]], params={"num_inference_steps": 2, "output_dir": str(tmp_path / "unseeded")})
+    assert unseeded["seed"].tolist() == [0]
