@@ -364,7 +364,7 @@ def build_tables(results: dict) -> dict[str, str]:
     return {
         "Training step (median per step; ratio = baseline / pgdpo)": format_table(
             ["model", "baseline ms", "pgdpo ms", "ratio of medians", "median of rep ratios", ">= 2x",
-             "max |loss diff|", "losses equal"], step_rows),
+             "max abs loss diff", "losses equal"], step_rows),
         "Peak memory (MiB)": format_table(
             ["model", "path", "peak", "peak above pre-build", "increase during steps", "model weights held"],
             memory_rows),

@@ -266,9 +266,14 @@ def pipeline(
     """
     project = str(Path(project_dir).resolve())
     experiment = load_params(Path(project) / "params.yaml").tracking.experiment
+    if stages is not None and not stages:
+        raise ValueError("invalid flow parameter `stages`: the list is empty. Pass None to run every stage")
     selected = list(stages or STAGES)
     check_stage_names(project, selected, "stages")
     check_stage_names(project, list(stage_timeouts or {}), "stage_timeouts")
+    # Every override is checked, also for stages this run does not select.
+    for stage in stage_timeouts or {}:
+        stage_timeout(stage, stage_timeouts)
     timeouts = {stage: stage_timeout(stage, stage_timeouts) for stage in selected}
     logger = get_run_logger()
 
@@ -292,5 +297,16 @@ def pipeline(
     return parent
 
 
+def main() -> None:
+    """Parse the command line and run the flow."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run the DVC pipeline stage by stage as a Prefect flow.")
+    parser.add_argument("--project-dir", default=".", help="DVC project root (default: the current folder)")
+    parser.add_argument("--stages", nargs="+", default=None, metavar="STAGE", help=f"stages to run, in order (default: {' '.join(STAGES)})")
+    args = parser.parse_args()
+    pipeline(project_dir=args.project_dir, stages=args.stages)
+
+
 if __name__ == "__main__":
-    pipeline()
+    main()

@@ -1,5 +1,6 @@
 """Validate params.yaml without running anything: `python -m stages.check [path]`."""
 
+import argparse
 import sys
 
 from pgdpo.config import ParamsError, load_params
@@ -7,7 +8,9 @@ from pgdpo.stage import EXIT_INVALID_PARAMS
 
 
 def main() -> None:
-    path = sys.argv[1] if len(sys.argv) > 1 else "params.yaml"
+    parser = argparse.ArgumentParser(description="Validate a params file against pgdpo's schema; exit 78 when it is invalid.")
+    parser.add_argument("path", nargs="?", default="params.yaml", help="params file (default: params.yaml)")
+    path = parser.parse_args().path
     try:
         load_params(path)
     except ParamsError as error:

@@ -81,6 +81,13 @@ def test_missing_params_file_raises(tmp_path):
         load_params(tmp_path / "absent.yaml")
 
 
+def test_check_command_help():
+    result = subprocess.run([sys.executable, "-m", "stages.check", "--help"], cwd=ROOT, capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    assert "params file" in result.stdout
+
+
 def test_check_command_exit_codes(tmp_path):
     valid = subprocess.run([sys.executable, "-m", "stages.check", str(ROOT / "params.yaml")], cwd=ROOT, capture_output=True, text=True)
     assert valid.returncode == 0, valid.stderr

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import mlflow
 import pandas as pd
 import pytest
@@ -132,6 +135,26 @@ def test_unknown_stage_names_rejected(harness, tmp_path, monkeypatch):
 
     assert not (project / "data/prompts").exists()
     assert not (project / "mlflow.db").exists()
+
+
+def test_empty_stages_and_unselected_timeouts_rejected(harness, tmp_path, monkeypatch):
+    project = make_project(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+
+    with pytest.raises(ValueError, match="`stages`: the list is empty"):
+        pipeline(str(project), stages=[])
+    with pytest.raises(ValueError, match="stage_timeouts\\['train'\\] = -5"):
+        pipeline(str(project), stages=["prompts"], stage_timeouts={"train": -5})
+
+    assert not (project / "data/prompts").exists()
+
+
+def test_flow_command_help():
+    result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--help"], capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert "--stages" in result.stdout
+    assert "--project-dir" in result.stdout
 
 
 def test_stage_timeout_rejects_zero():
