@@ -58,6 +58,8 @@ def test_sweep_metric_is_a_table_column(config):
     assert deployment(config, "method-grid")["parameters"]["metric"] in METRICS
 
 
+# Starts a Prefect server (about 20 s here), so `make test-slow` runs it, not `make test`.
+@pytest.mark.slow
 def test_prefect_deploy_registers_deployments(tmp_path):
     """`prefect deploy --all` against a temporary Prefect server on 127.0.0.1 registers both deployments."""
     import shutil
