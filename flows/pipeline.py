@@ -271,10 +271,8 @@ def pipeline(
     selected = list(stages or STAGES)
     check_stage_names(project, selected, "stages")
     check_stage_names(project, list(stage_timeouts or {}), "stage_timeouts")
-    # Every override is checked, also for stages this run does not select.
-    for stage in stage_timeouts or {}:
-        stage_timeout(stage, stage_timeouts)
-    timeouts = {stage: stage_timeout(stage, stage_timeouts) for stage in selected}
+    # Overrides of stages this run does not select are checked too.
+    timeouts = {stage: stage_timeout(stage, stage_timeouts) for stage in [*selected, *(stage_timeouts or {})]}
     logger = get_run_logger()
 
     to_run = stages_to_run(selected, changed_stages(project))

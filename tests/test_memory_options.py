@@ -155,8 +155,8 @@ def test_compiled_denoiser_same_loss_gradients_and_keys(tiny_wan_folder: Path):
     compiled, compiled_parts = lora_gradients(adapter, pairs, train_config())
 
     assert list(adapter.denoiser.state_dict()) == keys, "compiling must keep the state-dict keys LoRA saving uses"
-    # Fused kernels round differently; beta = 500 scales the error differences that the loss sees,
-    # so the loss agrees to about 1e-4 and the per-pair errors (diff_chosen) far more closely.
+    # Fused kernels round differently, and beta = 500 multiplies the error differences inside the
+    # loss. So the checks allow 2e-4 relative for the loss and 1e-3 for diff_chosen.
     assert compiled_parts[0][1]["loss"] == pytest.approx(plain_parts[0][1]["loss"], rel=2e-4)
     assert compiled_parts[0][1]["diff_chosen"] == pytest.approx(plain_parts[0][1]["diff_chosen"], rel=1e-3, abs=1e-7)
     errors = {name: float((compiled[name] - plain[name]).abs().max() / plain[name].abs().max()) for name in plain}

@@ -88,7 +88,7 @@ def test_latent_rows_missing_file(tmp_path):
         open_latents(tmp_path / "absent.safetensors")
 
 
-def test_latent_rows_keep_file_pages_out_of_resident_memory(tmp_path):
+def test_latent_rows_resident_memory_flat(tmp_path):
     # 64 MiB of cached rows; reading each row once must not leave them resident, as a memory map would.
     rows, row_shape = 256, (4, 4, 32, 32)
     save_file({"chosen": torch.ones(rows, *row_shape, dtype=torch.float32)}, str(tmp_path / "big.safetensors"))
