@@ -8,27 +8,26 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable
 
 import torch
 
 from pgdpo.config import Params, ParamsError, load_params
+from pgdpo.logs import setup_logging
 from pgdpo.runtime import seed_everything
-from pgdpo.tracking import Tracker, stage_run
+from pgdpo.tracking import Tracker, check_reachable, tracking_unusable, tracking_uri
+from pgdpo.tracking_worker import WorkerTracker
 from pgdpo.training.parallel import DataParallel
 
 logger = logging.getLogger(__name__)
 
+# Tags with the Unix times at which the stage's computation started and ended.
+COMPUTE_START_TAG = "pgdpo.compute_start"
+COMPUTE_END_TAG = "pgdpo.compute_end"
+
 # Exit code for invalid params (EX_CONFIG from sysexits.h); the Prefect flow never retries it.
 EXIT_INVALID_PARAMS = 78
-
-
-def setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
-    for noisy in ("httpx", "alembic", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def stage_main(name: str, run: Callable[[Params, Tracker], None], sections: list[str]) -> None:
@@ -54,14 +53,33 @@ def stage_main(name: str, run: Callable[[Params, Tracker], None], sections: list
 
 
 def _run_tracked(name: str, run: Callable[[Params, Tracker], None], sections: list[str], params: Params) -> None:
-    if DataParallel.from_env().rank > 0:
+    rank = DataParallel.from_env().rank
+    if rank > 0:
         # In a data-parallel run only rank 0 logs to MLflow; the other ranks train without a run.
-        logger.info("stage %s started on rank %d without MLflow tracking", name, DataParallel.from_env().rank)
+        logger.info("stage %s started on rank %d without MLflow tracking", name, rank)
         run(params, Tracker(None))
         return
 
-    logged = {section: getattr(params, section).model_dump() for section in sections}
-    with stage_run(name, params.tracking.experiment, logged, required=params.tracking.required) as tracker:
+    # An unreachable tracking server stops a stage that needs tracking before it computes.
+    uri = tracking_uri()
+    try:
+        check_reachable(uri)
+    except ConnectionError as error:
+        tracking_unusable(uri, name, error, params.tracking.required)
+        run(params, Tracker(None))
+        return
+
+    logged = {section: getattr(params, section).model_dump(mode="json") for section in sections}
+    tracker = WorkerTracker(name, params.tracking.experiment, logged, required=params.tracking.required)
+    status = "FAILED"
+    try:
         logger.info("stage %s started", name)
+        started = time.time()
         run(params, tracker)
+        # The stage's own time, which the run's start and end times do not give: the run opens
+        # in the tracking worker while the stage computes, and closes after the last call.
+        tracker.set_tags({COMPUTE_START_TAG: f"{started:.3f}", COMPUTE_END_TAG: f"{time.time():.3f}"})
         logger.info("stage %s finished", name)
+        status = "FINISHED"
+    finally:
+        tracker.close(status)

@@ -259,6 +259,16 @@ def find_or_create_parent(client, experiment_id: str, key: str) -> str:
     return run.info.run_id
 
 
+def tracking_unusable(uri: str, stage: str, error: Exception, required: bool) -> None:
+    """Raise RuntimeError for a tracking store that failed, or warn once when tracking is optional."""
+    if required:
+        raise RuntimeError(
+            f"MLflow tracking at {uri} failed for stage {stage}: {error}. Start the server or set "
+            "MLFLOW_TRACKING_URI, or set tracking.required: false to run without tracking."
+        ) from error
+    logger.warning("MLflow at %s unreachable (%s); stage %s runs without tracking", uri, error, stage)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, experiment: str, params: dict[str, Any], required: bool = True) -> Iterator[Tracker]:
     """Open the MLflow child run of `stage`, log `params` and the git commit, and yield a Tracker.
@@ -281,12 +291,7 @@ def stage_run(stage: str, experiment: str, params: dict[str, Any], required: boo
             parent_id = find_or_create_parent(client, experiment_id, key) if key else None
         run = mlflow.start_run(run_name=stage, parent_run_id=parent_id, tags={STAGE_TAG: stage})
     except Exception as error:  # noqa: BLE001 - any client error means the store is unusable
-        if required:
-            raise RuntimeError(
-                f"MLflow tracking at {uri} failed for stage {stage}: {error}. Start the server or set "
-                "MLFLOW_TRACKING_URI, or set tracking.required: false to run without tracking."
-            ) from error
-        logger.warning("MLflow at %s unreachable (%s); stage %s runs without tracking", uri, error, stage)
+        tracking_unusable(uri, stage, error, required)
         yield Tracker(None)
         return
 

@@ -1,15 +1,20 @@
-"""MLflow tracking of stages: unreachable servers, and the DVC stage hash and checksums in run tags."""
+"""MLflow tracking of stages: unreachable servers, the tracking worker, and the DVC stage hash and checksums in run tags."""
 
 from __future__ import annotations
 
+import io
+import json
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 
 from pgdpo.tracking import dvc_checksum, dvc_stage_entry, lock_fingerprint
+from pgdpo.tracking_worker import WorkerTracker, serve
 from tests.conftest import make_project, project_env, run_cli
 
 
@@ -79,3 +84,104 @@ def test_stage_entry_matches_dvc_lock(tmp_path):
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["prompts"]
     entry = dvc_stage_entry("prompts", project)
     assert lock_fingerprint(entry) == lock_fingerprint(lock)
+
+
+def tracked_runs(uri: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    return client.search_runs(experiments, filter_string="tags.`pgdpo.stage` != ''")
+
+
+def serve_requests(requests: list[dict]) -> dict:
+    """Run the tracking worker's loop in this process on `requests`; return its answer."""
+    answers = []
+    serve(io.StringIO("".join(json.dumps(request) + "\n" for request in requests)), answers.append)
+    assert len(answers) == 1
+    return answers[0]
+
+
+OPEN = {"call": "open", "args": {"stage": "demo", "experiment": "worker-test", "params": {"train": {"beta": 500}}, "required": True}}
+
+
+def test_worker_replays_calls_into_one_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    (tmp_path / "scores.csv").write_text("prompt,total\na red circle,0.5\n")
+    answer = serve_requests([
+        OPEN,
+        {"call": "log_metrics", "args": {"metrics": {"loss": 0.25}, "step": 3}},
+        {"call": "set_tags", "args": {"tags": {"note": "replayed"}}},
+        {"call": "log_artifact", "args": {"path": "scores.csv", "artifact_path": None}},
+        {"call": "log_dataset", "args": {"path": "scores.csv", "name": "scores", "dvc_path": None, "context": "input"}},
+        {"call": "end", "args": {"status": "FINISHED"}},
+    ])
+    assert answer == {"error": None}
+    (run,) = tracked_runs(uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics == {"loss": 0.25}
+    assert run.data.params == {"train.beta": "500"}
+    assert run.data.tags["note"] == "replayed"
+    assert [dataset.dataset.name for dataset in run.inputs.dataset_inputs] == ["scores"]
+
+
+def test_worker_reports_failed_call_and_fails_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    answer = serve_requests([
+        OPEN,
+        {"call": "log_artifact", "args": {"path": "missing.csv", "artifact_path": None}},
+        {"call": "log_metrics", "args": {"metrics": {"loss": 0.5}, "step": 0}},
+        {"call": "end", "args": {"status": "FINISHED"}},
+    ])
+    assert answer["error"].startswith("log_artifact:")
+    (run,) = tracked_runs(uri)
+    assert run.info.status == "FAILED"
+    assert run.data.metrics == {"loss": 0.5}
+
+
+def test_worker_fails_run_when_stage_dies(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    answer = serve_requests([OPEN, {"call": "log_metrics", "args": {"metrics": {"loss": 1.0}, "step": 0}}])
+    assert answer == {"error": None}
+    (run,) = tracked_runs(uri)
+    assert run.info.status == "FAILED"
+
+
+def test_worker_tracker_process_round_trip(tmp_path, monkeypatch):
+    """A real worker process: calls are sent without waiting; close raises on a failed call."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    tracker = WorkerTracker("good", "worker-test", {"train": {"beta": 500}}, required=True)
+    for step in range(5):
+        tracker.log_metrics({"loss": torch.tensor(1.0 / (step + 1))}, step=step)
+    tracker.close("FINISHED")
+
+    failing = WorkerTracker("bad", "worker-test", {}, required=True)
+    failing.log_artifact(tmp_path / "missing.csv")
+    with pytest.raises(RuntimeError, match="stage bad failed in the tracking worker: log_artifact"):
+        failing.close("FINISHED")
+
+    runs = {run.data.tags["pgdpo.stage"]: run for run in tracked_runs(uri)}
+    assert runs["good"].info.status == "FINISHED"
+    assert runs["good"].data.metrics["loss"] == pytest.approx(0.2)
+    assert runs["bad"].info.status == "FAILED"
+
+
+def test_seeding_sets_deterministic_kernels_without_inductor():
+    code = (
+        "import sys, torch\n"
+        "from pgdpo.runtime import seed_everything\n"
+        "seed_everything(0)\n"
+        "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),"
+        " 'torch._inductor' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.split() == ["True", "True", "False"]

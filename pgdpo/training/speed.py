@@ -38,7 +38,10 @@ def compile_denoiser(denoiser: torch.nn.Module, mode: str = "default") -> None:
     eager run by about 1e-4 relative. Two runs with the same `train.compile` give the same bytes.
     """
     import torch._dynamo
+    import torch._inductor.config
 
+    # `seed_everything` sets the kernel flag only; compiled kernels follow the same setting.
+    torch._inductor.config.deterministic = torch.are_deterministic_algorithms_enabled()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILE_CACHE_SIZE)
     denoiser.compile(mode=mode, dynamic=False)
     logger.info("torch.compile(mode=%r) set on %s; the first steps include compilation", mode, type(denoiser).__name__)

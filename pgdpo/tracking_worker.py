@@ -1,0 +1,184 @@
+"""MLflow tracking of a stage in a worker process that runs beside the stage's computation.
+
+Importing mlflow, opening its SQL store and hashing the DVC stage take about 2.5 s of one core
+per stage (BENCHMARKS.md). So a stage starts `python -m pgdpo.tracking_worker`, which does that
+work and opens the stage's run with `pgdpo.tracking.stage_run` while the stage computes. The
+stage's `WorkerTracker` sends each tracker call to the worker as one JSON line on the worker's
+stdin and does not wait. `WorkerTracker.close` ends the run and waits for the worker; it raises
+if the run could not be opened or a call failed. The worker answers with one JSON line on stdout
+when it exits; anything else it prints goes to stderr.
+
+NOTE: calls are applied after they are sent, so a file handed to the tracker must stay unchanged
+until the stage ends. The stages only log their outputs, which they write before logging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from pgdpo.logs import setup_logging
+from pgdpo.tracking import Tracker, stage_run
+
+logger = logging.getLogger(__name__)
+
+
+class StageFailed(Exception):
+    """Raised inside the worker's run when the stage reports a failure, so the run ends FAILED."""
+
+
+def _json_default(value: Any) -> Any:
+    """Encode what JSON lacks: numpy and torch scalars as numbers, paths and the rest as strings."""
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+class WorkerTracker(Tracker):
+    """Tracker of the stage process: forwards every call to a tracking worker without waiting."""
+
+    def __init__(self, stage: str, experiment: str, params: dict[str, Any], required: bool):
+        super().__init__(None)
+        self.stage = stage
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pgdpo.tracking_worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._send("open", stage=stage, experiment=experiment, params=params, required=required)
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    def _send(self, call: str, **args: Any) -> None:
+        line = json.dumps({"call": call, "args": args}, default=_json_default)
+        try:
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError as error:
+            raise RuntimeError(
+                f"the MLflow tracking worker of stage {self.stage} exited early (code {self.process.poll()}); "
+                "its error is in the log above"
+            ) from error
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._send("log_params", params=params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._send("log_metrics", metrics={key: float(value) for key, value in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._send("log_artifact", path=str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._send("set_tags", tags=tags)
+
+    def log_clips(self, manifest, root: str | Path, artifact_path: str, limit: int) -> int:
+        """Send the first `limit` manifest rows; returns how many clips will be logged."""
+        records = manifest.head(max(limit, 0)).to_dict("records")
+        self._send("log_clips", records=records, root=str(root), artifact_path=artifact_path, limit=limit)
+        return len(records)
+
+    def log_lora_model(self, params, base_dir: str | Path, adapter_dir: str | Path) -> None:
+        """Log the LoRA pyfunc model from the worker; the model URI is in the run, not returned."""
+        self._send("log_lora_model", params=params.model_dump(mode="json"), base_dir=str(base_dir), adapter_dir=str(adapter_dir))
+
+    def log_dataset(self, path: str | Path, name: str, dvc_path: str | Path | None = None, context: str = "input") -> None:
+        self._send("log_dataset", path=str(path), name=name, dvc_path=None if dvc_path is None else str(dvc_path), context=context)
+
+    def close(self, status: str) -> None:
+        """End the run with `status` ("FINISHED" or "FAILED") and wait for the worker.
+
+        Raises RuntimeError when the worker could not open the run or a call failed, unless the
+        stage itself failed (status "FAILED"): then the worker's error is only logged, so the
+        stage's own exception is the one that propagates.
+        """
+        try:
+            self._send("end", status=status)
+        except RuntimeError as error:
+            logger.debug("tracking worker already gone: %s", error)
+        self.process.stdin.close()
+        output = self.process.stdout.read()
+        code = self.process.wait()
+        lines = output.strip().splitlines()
+        answer = json.loads(lines[-1]) if lines else {"error": f"no answer (exit code {code}); see its log above"}
+        error = answer.get("error")
+        if error is None and code != 0:
+            error = f"exit code {code}"
+        if error is None:
+            return
+        message = f"MLflow tracking of stage {self.stage} failed in the tracking worker: {error}"
+        if status == "FINISHED":
+            raise RuntimeError(message)
+        logger.error(message)
+
+
+def _apply(tracker: Tracker, call: str, args: dict[str, Any]) -> None:
+    """Apply one forwarded call to the worker's in-process tracker."""
+    if call == "log_clips":
+        import pandas as pd
+
+        tracker.log_clips(pd.DataFrame(args["records"]), args["root"], args["artifact_path"], args["limit"])
+    elif call == "log_lora_model":
+        from pgdpo.config import Params
+
+        tracker.log_lora_model(Params.model_validate(args["params"]), args["base_dir"], args["adapter_dir"])
+    elif call in {"log_params", "log_metrics", "log_artifact", "set_tags", "log_dataset"}:
+        getattr(tracker, call)(**args)
+    else:
+        raise ValueError(f"unknown tracker call {call!r}")
+
+
+def serve(requests, answer) -> None:
+    """Open the run described by the first request, apply the calls that follow, and answer once.
+
+    The run ends FINISHED only on an "end" request with that status and no failed call; at the
+    end of input without "end" (the stage process died) it ends FAILED.
+    """
+    opening = json.loads(requests.readline() or "{}")
+    if opening.get("call") != "open":
+        answer({"error": f"expected an 'open' request first, got {opening.get('call')!r}"})
+        return
+    errors: list[str] = []
+    try:
+        with stage_run(**opening["args"]) as tracker:
+            status = "FAILED"
+            for line in requests:
+                request = json.loads(line)
+                if request["call"] == "end":
+                    status = request["args"]["status"]
+                    break
+                try:
+                    _apply(tracker, request["call"], request["args"])
+                except Exception as error:  # noqa: BLE001 - reported to the stage when it closes
+                    logger.exception("tracker call %s failed", request["call"])
+                    errors.append(f"{request['call']}: {error}")
+            if status != "FINISHED" or errors:
+                raise StageFailed(status)
+    except StageFailed:
+        pass
+    except Exception as error:  # noqa: BLE001 - e.g. the store could not be opened
+        logger.exception("could not track stage %s", opening["args"].get("stage"))
+        errors.append(str(error))
+    answer({"error": "; ".join(errors) if errors else None})
+
+
+def main() -> None:
+    setup_logging()
+    # The answer goes to the real stdout; whatever libraries print goes to stderr instead.
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    def answer(payload: dict) -> None:
+        answers.write(json.dumps(payload) + "\n")
+        answers.flush()
+
+    serve(sys.stdin, answer)
+
+
+if __name__ == "__main__":
+    main()
