@@ -19,6 +19,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ class WorkerTracker(Tracker):
         stage itself failed (status "FAILED"): then the worker's error is only logged, so the
         stage's own exception is the one that propagates.
         """
+        waiting = time.perf_counter()
         try:
             self._send("end", status=status)
         except RuntimeError as error:
@@ -104,6 +106,7 @@ class WorkerTracker(Tracker):
         self.process.stdin.close()
         output = self.process.stdout.read()
         code = self.process.wait()
+        logger.info("MLflow tracking worker of stage %s done %.1f s after the stage", self.stage, time.perf_counter() - waiting)
         lines = output.strip().splitlines()
         answer = json.loads(lines[-1]) if lines else {"error": f"no answer (exit code {code}); see its log above"}
         error = answer.get("error")
