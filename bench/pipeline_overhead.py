@@ -7,8 +7,8 @@ no-op run). Each stage tags its MLflow run with the times at which its computati
 ended (`pgdpo.stage`), and the stages' own time is read from those tags. The rest is overhead:
 DVC's hashing and locking, Prefect, process start, imports, params validation, and waiting for
 the MLflow tracking worker (`pgdpo.tracking_worker`) at the end of a stage.
-NOTE: the tracking worker opens the run and logs while the stage computes, on another core; on
-a machine with one core that work slows the stage instead, and counts as stage time here.
+NOTE: the tracking worker opens the run and logs while the stage computes, on another core. On a
+machine with one core, that work slows the stage instead and counts as stage time here.
 
     python -m bench.pipeline_overhead [--small] [--runner dvc|prefect] [--out results.json]
 """

@@ -4,9 +4,9 @@ Importing mlflow, opening its SQL store and hashing the DVC stage take about 2.5
 per stage (BENCHMARKS.md). So a stage starts `python -m pgdpo.tracking_worker`, which does that
 work and opens the stage's run with `pgdpo.tracking.stage_run` while the stage computes. The
 stage's `WorkerTracker` sends each tracker call to the worker as one JSON line on the worker's
-stdin and does not wait. `WorkerTracker.close` ends the run and waits for the worker; it raises
-if the run could not be opened or a call failed. The worker answers with one JSON line on stdout
-when it exits; anything else it prints goes to stderr.
+stdin and does not wait. `WorkerTracker.close` ends the run and waits for the worker, and raises
+if the run could not be opened or a call failed. Before it exits, the worker writes one JSON line
+with the result to stdout. Anything else it prints goes to stderr.
 
 NOTE: calls are applied after they are sent, so a file handed to the tracker must stay unchanged
 until the stage ends. The stages only log their outputs, which they write before logging.
@@ -14,6 +14,7 @@ until the stage ends. The stages only log their outputs, which they write before
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -62,8 +63,8 @@ class WorkerTracker(Tracker):
             self.process.stdin.flush()
         except BrokenPipeError as error:
             raise RuntimeError(
-                f"the MLflow tracking worker of stage {self.stage} exited early (code {self.process.poll()}); "
-                "its error is in the log above"
+                f"the MLflow tracking worker of stage {self.stage} exited early with code {self.process.poll()}, "
+                "see its error in the log above"
             ) from error
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -79,13 +80,13 @@ class WorkerTracker(Tracker):
         self._send("set_tags", tags=tags)
 
     def log_clips(self, manifest, root: str | Path, artifact_path: str, limit: int) -> int:
-        """Send the first `limit` manifest rows; returns how many clips will be logged."""
+        """Send the first `limit` manifest rows and return how many clips the worker will log."""
         records = manifest.head(max(limit, 0)).to_dict("records")
         self._send("log_clips", records=records, root=str(root), artifact_path=artifact_path, limit=limit)
         return len(records)
 
     def log_lora_model(self, params, base_dir: str | Path, adapter_dir: str | Path) -> None:
-        """Log the LoRA pyfunc model from the worker; the model URI is in the run, not returned."""
+        """Log the LoRA pyfunc model from the worker. The model URI is recorded in the run, not returned."""
         self._send("log_lora_model", params=params.model_dump(mode="json"), base_dir=str(base_dir), adapter_dir=str(adapter_dir))
 
     def log_dataset(self, path: str | Path, name: str, dvc_path: str | Path | None = None, context: str = "input") -> None:
@@ -102,14 +103,15 @@ class WorkerTracker(Tracker):
         try:
             self._send("end", status=status)
         except RuntimeError as error:
-            logger.debug("tracking worker already gone: %s", error)
-        self.process.stdin.close()
+            logger.warning("could not send the end request to the tracking worker of stage %s: %s", self.stage, error)
+        with contextlib.suppress(BrokenPipeError):
+            self.process.stdin.close()
         output = self.process.stdout.read()
         code = self.process.wait()
         logger.info("MLflow tracking worker of stage %s done %.1f s after the stage", self.stage, time.perf_counter() - waiting)
         lines = output.strip().splitlines()
-        answer = json.loads(lines[-1]) if lines else {"error": f"no answer (exit code {code}); see its log above"}
-        error = answer.get("error")
+        result = json.loads(lines[-1]) if lines else {"error": f"no result line, exit code {code}, see its log above"}
+        error = result.get("error")
         if error is None and code != 0:
             error = f"exit code {code}"
         if error is None:
@@ -136,15 +138,15 @@ def _apply(tracker: Tracker, call: str, args: dict[str, Any]) -> None:
         raise ValueError(f"unknown tracker call {call!r}")
 
 
-def serve(requests, answer) -> None:
-    """Open the run described by the first request, apply the calls that follow, and answer once.
+def serve(requests, write_result) -> None:
+    """Open the run described by the first request, apply the calls that follow, and write one result.
 
-    The run ends FINISHED only on an "end" request with that status and no failed call; at the
+    The run ends FINISHED only on an "end" request with that status and no failed call. At the
     end of input without "end" (the stage process died) it ends FAILED.
     """
     opening = json.loads(requests.readline() or "{}")
     if opening.get("call") != "open":
-        answer({"error": f"expected an 'open' request first, got {opening.get('call')!r}"})
+        write_result({"error": f"expected an 'open' request first, got {opening.get('call')!r}"})
         return
     errors: list[str] = []
     try:
@@ -167,20 +169,20 @@ def serve(requests, answer) -> None:
     except Exception as error:  # noqa: BLE001 - e.g. the store could not be opened
         logger.exception("could not track stage %s", opening["args"].get("stage"))
         errors.append(str(error))
-    answer({"error": "; ".join(errors) if errors else None})
+    write_result({"error": "; ".join(errors) if errors else None})
 
 
 def main() -> None:
     setup_logging()
-    # The answer goes to the real stdout; whatever libraries print goes to stderr instead.
-    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    # The result line goes to the real stdout, and whatever libraries print goes to stderr instead.
+    results = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
-    def answer(payload: dict) -> None:
-        answers.write(json.dumps(payload) + "\n")
-        answers.flush()
+    def write_result(result: dict) -> None:
+        results.write(json.dumps(result) + "\n")
+        results.flush()
 
-    serve(sys.stdin, answer)
+    serve(sys.stdin, write_result)
 
 
 if __name__ == "__main__":

@@ -95,11 +95,11 @@ def tracked_runs(uri: str) -> list:
 
 
 def serve_requests(requests: list[dict]) -> dict:
-    """Run the tracking worker's loop in this process on `requests`; return its answer."""
-    answers = []
-    serve(io.StringIO("".join(json.dumps(request) + "\n" for request in requests)), answers.append)
-    assert len(answers) == 1
-    return answers[0]
+    """Run the tracking worker's loop in this process on `requests` and return its result."""
+    results = []
+    serve(io.StringIO("".join(json.dumps(request) + "\n" for request in requests)), results.append)
+    assert len(results) == 1
+    return results[0]
 
 
 OPEN = {"call": "open", "args": {"stage": "demo", "experiment": "worker-test", "params": {"train": {"beta": 500}}, "required": True}}
@@ -110,7 +110,7 @@ def test_worker_replays_calls_into_one_run(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     (tmp_path / "scores.csv").write_text("prompt,total\na red circle,0.5\n")
-    answer = serve_requests([
+    result = serve_requests([
         OPEN,
         {"call": "log_metrics", "args": {"metrics": {"loss": 0.25}, "step": 3}},
         {"call": "set_tags", "args": {"tags": {"note": "replayed"}}},
@@ -118,7 +118,7 @@ def test_worker_replays_calls_into_one_run(tmp_path, monkeypatch):
         {"call": "log_dataset", "args": {"path": "scores.csv", "name": "scores", "dvc_path": None, "context": "input"}},
         {"call": "end", "args": {"status": "FINISHED"}},
     ])
-    assert answer == {"error": None}
+    assert result == {"error": None}
     (run,) = tracked_runs(uri)
     assert run.info.status == "FINISHED"
     assert run.data.metrics == {"loss": 0.25}
@@ -131,13 +131,13 @@ def test_worker_reports_failed_call_and_fails_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    answer = serve_requests([
+    result = serve_requests([
         OPEN,
         {"call": "log_artifact", "args": {"path": "missing.csv", "artifact_path": None}},
         {"call": "log_metrics", "args": {"metrics": {"loss": 0.5}, "step": 0}},
         {"call": "end", "args": {"status": "FINISHED"}},
     ])
-    assert answer["error"].startswith("log_artifact:")
+    assert result["error"].startswith("log_artifact:")
     (run,) = tracked_runs(uri)
     assert run.info.status == "FAILED"
     assert run.data.metrics == {"loss": 0.5}
@@ -147,8 +147,8 @@ def test_worker_fails_run_when_stage_dies(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    answer = serve_requests([OPEN, {"call": "log_metrics", "args": {"metrics": {"loss": 1.0}, "step": 0}}])
-    assert answer == {"error": None}
+    result = serve_requests([OPEN, {"call": "log_metrics", "args": {"metrics": {"loss": 1.0}, "step": 0}}])
+    assert result == {"error": None}
     (run,) = tracked_runs(uri)
     assert run.info.status == "FAILED"
 
