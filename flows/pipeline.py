@@ -31,6 +31,7 @@ from prefect import flow, get_run_logger, task
 
 from pgdpo.config import ParamsError, load_params
 from pgdpo.stage import EXIT_INVALID_PARAMS
+from pgdpo.suites import check_prompt_files
 
 PROGRESS_INTERVAL_S = 15.0
 # Per-stage task timeouts in seconds, sized for a real model on one GPU; the shapes world needs
@@ -265,7 +266,11 @@ def pipeline(
         stage_timeouts: seconds per stage name, replacing DEFAULT_TIMEOUTS_S for those stages.
     """
     project = str(Path(project_dir).resolve())
-    experiment = load_params(Path(project) / "params.yaml").tracking.experiment
+    params = load_params(Path(project) / "params.yaml")
+    problems = check_prompt_files(params, project)
+    if problems:
+        raise ParamsError("invalid prompt files in params.yaml:\n  " + "\n  ".join(problems))
+    experiment = params.tracking.experiment
     if stages is not None and not stages:
         raise ValueError("invalid flow parameter `stages`: the list is empty. Pass None to run every stage")
     selected = list(stages or STAGES)

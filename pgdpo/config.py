@@ -6,6 +6,7 @@ the value and the allowed range, so a stage fails before it computes anything.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -350,14 +351,32 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
         raise ParamsError(f"{path}: {error}") from None
 
 
+def _known_keys(location: tuple) -> list[str]:
+    """Return the keys allowed next to the last part of `location`, or [] if that is not a section."""
+    model: type[BaseModel] = Params
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
 def _format_errors(path: Path, error: ValidationError) -> str:
     lines = [f"{path}: {error.error_count()} invalid value(s)"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
         value = item.get("input")
-        # A check across keys reports a whole section (or the whole file), whose message names the keys.
-        if isinstance(value, dict) and not item["type"].startswith(("extra", "dict", "model")):
-            lines.append(f"  {key or 'params'}: {item['msg']}")
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(item["loc"][-1]), _known_keys(item["loc"]), n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        # A check across keys reports a whole section (or the whole file), whose message names the
+        # keys, and an unknown section needs only its name, so neither prints the section's values.
+        if isinstance(value, dict) and not item["type"].startswith(("dict", "model")):
+            lines.append(f"  {key or 'params'}: {message}")
         else:
-            lines.append(f"  {key} = {value!r}: {item['msg']}")
+            lines.append(f"  {key} = {value!r}: {message}")
     return "\n".join(lines)

@@ -134,3 +134,29 @@ def load_eval_prompts(prompt_suite: str | None, suite_dimensions: list[str] | No
             raise ValueError("evaluate.suite_dimensions is set, but evaluate.prompt_suite is null. Set both or neither.")
         return read_prompts(EVAL_PROMPTS)
     return read_suite(prompt_suite, suite_dimensions).prompts
+
+
+def check_prompt_files(params, root: str | Path = ".") -> list[str]:
+    """Read the prompt files that `params` names and return one message per problem found.
+
+    Checks `prompts.train_file` and `evaluate.prompt_suite` (with `evaluate.suite_dimensions`)
+    the way the prompts and evaluate stages read them, with relative paths taken from `root`,
+    the project folder. Used by `python -m stages.check` and the Prefect flow, so that a bad
+    eval suite fails before the stages that come before evaluation run.
+    """
+    root = Path(root)
+    problems = []
+    files = [
+        ("prompts.train_file", params.prompts.train_file, None),
+        ("evaluate.prompt_suite", params.evaluate.prompt_suite, params.evaluate.suite_dimensions),
+    ]
+    for key, name, dimensions in files:
+        if name is None:
+            continue
+        try:
+            read_suite(root / name, dimensions, key=key)
+        except (FileNotFoundError, ValueError) as error:
+            problems.append(f"{key} = {name!r}: {error}")
+    if params.evaluate.prompt_suite is None and params.evaluate.suite_dimensions is not None:
+        problems.append("evaluate.suite_dimensions is set, but evaluate.prompt_suite is null. Set both or neither.")
+    return problems

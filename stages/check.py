@@ -1,10 +1,12 @@
-"""Validate params.yaml without running anything: `python -m stages.check [path]`."""
+"""Validate params.yaml and the prompt files it names without running anything: `python -m stages.check [path]`."""
 
 import argparse
 import sys
+from pathlib import Path
 
 from pgdpo.config import ParamsError, load_params
 from pgdpo.stage import EXIT_INVALID_PARAMS
+from pgdpo.suites import check_prompt_files
 
 
 def main() -> None:
@@ -12,9 +14,15 @@ def main() -> None:
     parser.add_argument("path", nargs="?", default="params.yaml", help="params file (default: params.yaml)")
     path = parser.parse_args().path
     try:
-        load_params(path)
+        params = load_params(path)
     except ParamsError as error:
         print(error, file=sys.stderr)
+        sys.exit(EXIT_INVALID_PARAMS)
+
+    # Prompt files are read by stages far down the pipeline, so they are checked here too.
+    problems = check_prompt_files(params, Path(path).parent)
+    if problems:
+        print(f"{path}: invalid prompt files", *problems, sep="\n  ", file=sys.stderr)
         sys.exit(EXIT_INVALID_PARAMS)
     print(f"{path}: valid")
 

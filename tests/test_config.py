@@ -58,6 +58,19 @@ def test_invalid_value_names_key(tmp_path, edit, message):
     assert message in str(error.value)
 
 
+def test_misspelled_keys_get_suggestion(tmp_path):
+    def misspell(params):
+        params["trian"] = params.pop("train")
+        params["generate"]["num_candiates"] = params["generate"].pop("num_candidates")
+
+    with pytest.raises(ParamsError) as error:
+        load_params(write_params(tmp_path, misspell))
+
+    assert "trian: Extra inputs are not permitted" in str(error.value)
+    assert "did you mean 'train'?" in str(error.value)
+    assert "did you mean 'num_candidates'?" in str(error.value)
+
+
 def test_duplicate_section_raises(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text((ROOT / "params.yaml").read_text() + "train:\n  steps: 3\n")
@@ -95,3 +108,24 @@ def test_check_command_exit_codes(tmp_path):
     invalid = subprocess.run([sys.executable, "-m", "stages.check", str(invalid_path)], cwd=ROOT, capture_output=True, text=True)
     assert invalid.returncode == EXIT_INVALID_PARAMS
     assert "train.steps = 0" in invalid.stderr
+
+
+def test_check_command_reads_prompt_files(tmp_path):
+    (tmp_path / "train.txt").write_text("a red circle moving left\n")
+    (tmp_path / "empty_suite.txt").write_text("\n")
+
+    def name_files(params):
+        params["prompts"]["train_file"] = "train.txt"
+        params["evaluate"]["prompt_suite"] = "missing_suite.txt"
+
+    path = write_params(tmp_path, name_files)
+    missing = subprocess.run([sys.executable, "-m", "stages.check", str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == EXIT_INVALID_PARAMS
+    assert "evaluate.prompt_suite = 'missing_suite.txt'" in missing.stderr
+    assert "not found" in missing.stderr
+    assert "prompts.train_file" not in missing.stderr
+
+    path = write_params(tmp_path, lambda p: p["evaluate"].update(prompt_suite="empty_suite.txt"))
+    empty = subprocess.run([sys.executable, "-m", "stages.check", str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert empty.returncode == EXIT_INVALID_PARAMS
+    assert "contains no prompts" in empty.stderr

@@ -137,6 +137,17 @@ def test_unknown_stage_names_rejected(harness, tmp_path, monkeypatch):
     assert not (project / "mlflow.db").exists()
 
 
+def test_missing_eval_suite_fails_before_any_stage(harness, tmp_path, monkeypatch):
+    project = make_project(tmp_path, overrides={"evaluate": {"prompt_suite": "data/prompt_files/vbench.txt"}})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+
+    with pytest.raises(ParamsError, match="evaluate.prompt_suite = 'data/prompt_files/vbench.txt'"):
+        pipeline(str(project))
+
+    assert not (project / "data/prompts").exists()
+    assert not (project / "mlflow.db").exists()
+
+
 def test_empty_stages_and_unselected_timeouts_rejected(harness, tmp_path, monkeypatch):
     project = make_project(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")

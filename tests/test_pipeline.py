@@ -113,3 +113,7 @@ def test_dimension_plots_render(reproduced_project: Path, tmp_path: Path):
     html = (tmp_path / "plots" / "index.html").read_text()
     assert "eval_dimensions" in html
     assert "eval_dimension_deltas" in html
+
+    # Only the plots of dvc.yaml's top-level section: no extra default plot per TSV output.
+    plots_json = json.loads(run_cli([sys.executable, "-m", "dvc", "plots", "show", "--json"], reproduced_project).stdout)
+    assert sorted(plots_json["data"]) == sorted(["likelihood_probe", "train_loss", "eval_dimensions", "eval_dimension_deltas"])
