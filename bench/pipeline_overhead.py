@@ -25,15 +25,14 @@ from pathlib import Path
 import yaml
 
 from bench.common import ROOT, finish, format_table, known_sections, parse_args, result_header, setup_logging
+from pgdpo.stage import COMPUTE_END_TAG, COMPUTE_START_TAG
+from pgdpo.tracking import STAGE_TAG
 from tests.conftest import SMALL_PARAMS, make_project, project_env
 
 logger = logging.getLogger(__name__)
 
 OVERHEAD_TARGET = 0.10
 NOOP_TARGET_S = 15.0
-STAGE_TAG = "pgdpo.stage"
-COMPUTE_START_TAG = "pgdpo.compute_start"
-COMPUTE_END_TAG = "pgdpo.compute_end"
 
 # --smoke: the tests' reduced params cut further, so that each stage computes for a few seconds.
 SMOKE_PARAMS = {

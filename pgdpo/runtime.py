@@ -58,7 +58,7 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     # NOTE: `torch.use_deterministic_algorithms` would also import torch._inductor (about 1.3 s
-    # per stage process) to set the inductor flag; `compile_denoiser` sets that flag where
+    # per stage process) to set the compiler's flag. `compile_denoiser` sets that flag where
     # compilation is used, so only the kernel flag is set here.
     torch._C._set_deterministic_algorithms(True, warn_only=True)
     # cuBLAS needs this workspace setting for deterministic matmuls on CUDA.
