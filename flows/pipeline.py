@@ -267,9 +267,7 @@ def pipeline(
     """
     project = str(Path(project_dir).resolve())
     params = load_params(Path(project) / "params.yaml")
-    problems = check_prompt_files(params, project)
-    if problems:
-        raise ParamsError("invalid prompt files in params.yaml:\n  " + "\n  ".join(problems))
+    check_prompt_files(params, project)
     experiment = params.tracking.experiment
     if stages is not None and not stages:
         raise ValueError("invalid flow parameter `stages`: the list is empty. Pass None to run every stage")

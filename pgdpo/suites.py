@@ -19,10 +19,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pgdpo.config import ParamsError
 from pgdpo.io import parse_prompt_line, read_prompts
 from pgdpo.paths import EVAL_PROMPTS
 
 logger = logging.getLogger(__name__)
+
+DIMENSIONS_WITHOUT_SUITE = "evaluate.suite_dimensions is set, but evaluate.prompt_suite is null. Set both or neither."
 
 
 @dataclass
@@ -131,17 +134,17 @@ def load_eval_prompts(prompt_suite: str | None, suite_dimensions: list[str] | No
     """Return the eval prompts: the suite file when `prompt_suite` is set, else the prompts stage's eval list."""
     if prompt_suite is None:
         if suite_dimensions is not None:
-            raise ValueError("evaluate.suite_dimensions is set, but evaluate.prompt_suite is null. Set both or neither.")
+            raise ValueError(DIMENSIONS_WITHOUT_SUITE)
         return read_prompts(EVAL_PROMPTS)
     return read_suite(prompt_suite, suite_dimensions).prompts
 
 
-def check_prompt_files(params, root: str | Path = ".") -> list[str]:
-    """Read the prompt files that `params` names and return one message per problem found.
+def check_prompt_files(params, root: str | Path = ".") -> None:
+    """Read the prompt files that `params` names, and raise ParamsError listing every problem found.
 
     Checks `prompts.train_file` and `evaluate.prompt_suite` (with `evaluate.suite_dimensions`)
     the way the prompts and evaluate stages read them, with relative paths taken from `root`,
-    the project folder. Used by `python -m stages.check` and the Prefect flow, so that a bad
+    the project folder. `python -m stages.check` and the Prefect flow call it, so that a bad
     eval suite fails before the stages that come before evaluation run.
     """
     root = Path(root)
@@ -158,5 +161,7 @@ def check_prompt_files(params, root: str | Path = ".") -> list[str]:
         except (FileNotFoundError, ValueError) as error:
             problems.append(f"{key} = {name!r}: {error}")
     if params.evaluate.prompt_suite is None and params.evaluate.suite_dimensions is not None:
-        problems.append("evaluate.suite_dimensions is set, but evaluate.prompt_suite is null. Set both or neither.")
-    return problems
+        problems.append(DIMENSIONS_WITHOUT_SUITE)
+
+    if problems:
+        raise ParamsError("invalid prompt files in the params:\n  " + "\n  ".join(problems))

@@ -1,7 +1,7 @@
 """MLflow tracking of a stage in a worker process that runs beside the stage's computation.
 
-Importing mlflow, opening its SQL store and hashing the DVC stage take about 2.5 s of one core
-per stage (BENCHMARKS.md). So a stage starts `python -m pgdpo.tracking_worker`, which does that
+Importing mlflow, opening its SQL store and hashing the DVC stage took 2.7 to 3.5 s of one core
+per stage in BENCHMARKS.md. So a stage starts `python -m pgdpo.tracking_worker`, which does that
 work and opens the stage's run with `pgdpo.tracking.stage_run` while the stage computes. The
 stage's `WorkerTracker` sends each tracker call to the worker as one JSON line on the worker's
 stdin and does not wait. `WorkerTracker.close` ends the run and waits for the worker, and raises
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 class StageFailed(Exception):
-    """Raised inside the worker's run when the stage reports a failure, so the run ends FAILED."""
+    """Exception raised inside the worker's run when the stage reports a failure, so the run ends FAILED."""
 
 
 def _json_default(value: Any) -> Any:
@@ -160,14 +160,14 @@ def serve(requests, write_result) -> None:
                 try:
                     _apply(tracker, request["call"], request["args"])
                 except Exception as error:  # noqa: BLE001 - reported to the stage when it closes
-                    logger.exception("tracker call %s failed", request["call"])
+                    logger.exception("tracker call %s of stage %s failed", request["call"], opening["args"]["stage"])
                     errors.append(f"{request['call']}: {error}")
             if status != "FINISHED" or errors:
                 raise StageFailed(status)
     except StageFailed:
         pass
     except Exception as error:  # noqa: BLE001 - e.g. the store could not be opened
-        logger.exception("could not track stage %s", opening["args"].get("stage"))
+        logger.exception("MLflow tracking of stage %s failed", opening["args"].get("stage"))
         errors.append(str(error))
     write_result({"error": "; ".join(errors) if errors else None})
 

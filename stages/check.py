@@ -15,14 +15,10 @@ def main() -> None:
     path = parser.parse_args().path
     try:
         params = load_params(path)
+        # Prompt files are read by stages far down the pipeline, so they are checked here too.
+        check_prompt_files(params, Path(path).parent)
     except ParamsError as error:
         print(error, file=sys.stderr)
-        sys.exit(EXIT_INVALID_PARAMS)
-
-    # Prompt files are read by stages far down the pipeline, so they are checked here too.
-    problems = check_prompt_files(params, Path(path).parent)
-    if problems:
-        print(f"{path}: invalid prompt files", *problems, sep="\n  ", file=sys.stderr)
         sys.exit(EXIT_INVALID_PARAMS)
     print(f"{path}: valid")
 

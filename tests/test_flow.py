@@ -137,7 +137,7 @@ def test_unknown_stage_names_rejected(harness, tmp_path, monkeypatch):
     assert not (project / "mlflow.db").exists()
 
 
-def test_missing_eval_suite_fails_before_any_stage(harness, tmp_path, monkeypatch):
+def test_missing_eval_suite_stops_flow(harness, tmp_path, monkeypatch):
     project = make_project(tmp_path, overrides={"evaluate": {"prompt_suite": "data/prompt_files/vbench.txt"}})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
 

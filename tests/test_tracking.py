@@ -127,7 +127,7 @@ def test_worker_replays_calls_into_one_run(tmp_path, monkeypatch):
     assert [dataset.dataset.name for dataset in run.inputs.dataset_inputs] == ["scores"]
 
 
-def test_worker_reports_failed_call_and_fails_run(tmp_path, monkeypatch):
+def test_worker_failed_call_fails_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -154,7 +154,7 @@ def test_worker_fails_run_when_stage_dies(tmp_path, monkeypatch):
 
 
 def test_worker_tracker_process_round_trip(tmp_path, monkeypatch):
-    """A real worker process: calls are sent without waiting; close raises on a failed call."""
+    """A real worker process receives calls without the stage waiting, and close raises on a failed call."""
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
