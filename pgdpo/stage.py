@@ -15,6 +15,7 @@ import torch
 
 from pgdpo.config import Params, ParamsError, load_params
 from pgdpo.logs import setup_logging
+from pgdpo.process import freeze_before_exit
 from pgdpo.runtime import seed_everything
 from pgdpo.tracking import Tracker, check_reachable, tracking_unusable, tracking_uri
 from pgdpo.tracking_worker import WorkerTracker
@@ -33,6 +34,13 @@ EXIT_INVALID_PARAMS = 78
 def stage_main(name: str, run: Callable[[Params, Tracker], None], sections: list[str]) -> None:
     """Validate params.yaml, then run one stage inside its MLflow run; exit non-zero on failure."""
     setup_logging()
+    try:
+        _validate_and_run(name, run, sections)
+    finally:
+        freeze_before_exit()
+
+
+def _validate_and_run(name: str, run: Callable[[Params, Tracker], None], sections: list[str]) -> None:
     try:
         params = load_params()
     except ParamsError as error:

@@ -168,6 +168,13 @@ class Tracker:
     def enabled(self) -> bool:
         return self.run_id is not None
 
+    def prepare(self, *calls: str) -> None:
+        """Announce calls the stage makes at its end, such as "log_lora_model".
+
+        The in-process tracker has nothing to prepare. A tracking worker does the slow parts of
+        those calls that need no stage output while the stage computes.
+        """
+
     def log_params(self, params: dict[str, Any]) -> None:
         if self.enabled:
             import mlflow

@@ -6,7 +6,9 @@ work and opens the stage's run with `pgdpo.tracking.stage_run` while the stage c
 stage's `WorkerTracker` sends each tracker call to the worker as one JSON line on the worker's
 stdin and does not wait. `WorkerTracker.close` ends the run and waits for the worker, and raises
 if the run could not be opened or a call failed. Before it exits, the worker writes one JSON line
-with the result to stdout. Anything else it prints goes to stderr.
+with the result to stdout. Anything else it prints goes to stderr. A stage can announce a slow
+call it makes at its end (`Tracker.prepare`), and the worker does the part of it that needs no
+stage output while the stage computes (PREPARATIONS).
 
 NOTE: calls are applied after they are sent, so a file handed to the tracker must stay unchanged
 until the stage ends. The stages only log their outputs, which they write before logging.
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pgdpo.logs import setup_logging
+from pgdpo.process import freeze_before_exit
 from pgdpo.tracking import Tracker, stage_run
 
 logger = logging.getLogger(__name__)
@@ -66,6 +69,12 @@ class WorkerTracker(Tracker):
                 f"the MLflow tracking worker of stage {self.stage} exited early with code {self.process.poll()}, "
                 "see its error in the log above"
             ) from error
+
+    def prepare(self, *calls: str) -> None:
+        unknown = sorted(set(calls) - set(PREPARATIONS))
+        if unknown:
+            raise ValueError(f"nothing to prepare for tracker calls {unknown}; preparable calls: {sorted(PREPARATIONS)}")
+        self._send("prepare", calls=list(calls))
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._send("log_params", params=params)
@@ -122,9 +131,25 @@ class WorkerTracker(Tracker):
         logger.error(message)
 
 
+def _prepare_lora_model() -> None:
+    from pgdpo.mlflow_model import prepare_logging
+
+    prepare_logging()
+
+
+# What the worker does ahead of a call the stage announced with `prepare`.
+PREPARATIONS = {"log_lora_model": _prepare_lora_model}
+
+
 def _apply(tracker: Tracker, call: str, args: dict[str, Any]) -> None:
     """Apply one forwarded call to the worker's in-process tracker."""
-    if call == "log_clips":
+    if call == "prepare":
+        for name in args["calls"]:
+            try:
+                PREPARATIONS[name]()
+            except Exception as error:  # noqa: BLE001 - only a speed-up; the call itself does the same work
+                logger.warning("preparing tracker call %s failed (%s); the call will do that work itself", name, error)
+    elif call == "log_clips":
         import pandas as pd
 
         tracker.log_clips(pd.DataFrame(args["records"]), args["root"], args["artifact_path"], args["limit"])
@@ -182,7 +207,10 @@ def main() -> None:
         results.write(json.dumps(result) + "\n")
         results.flush()
 
-    serve(sys.stdin, write_result)
+    try:
+        serve(sys.stdin, write_result)
+    finally:
+        freeze_before_exit()
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ def training_fingerprint(params: Params) -> str:
 
 def run(params: Params, tracker: Tracker) -> None:
     cfg = params.train
+    tracker.prepare("log_lora_model")
     train_pairs, probe_pairs, bounds = load_pair_data(params)
     tracker.log_params({"score_normalisation": bounds})
     logger.info("training on %d pairs, probing %d; scores normalised with %s", len(train_pairs), len(probe_pairs), bounds)

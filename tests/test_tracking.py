@@ -153,6 +153,30 @@ def test_worker_fails_run_when_stage_dies(tmp_path, monkeypatch):
     assert run.info.status == "FAILED"
 
 
+def test_worker_prepares_model_logging(tmp_path, monkeypatch, caplog):
+    """`prepare` fills MLflow's map of installed packages before log_model needs it; a failed preparation only warns."""
+    from mlflow.utils import requirements_utils
+
+    import pgdpo.tracking_worker as worker
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
+    monkeypatch.setattr(requirements_utils, "_PACKAGES_TO_MODULES", None)
+    prepare = {"call": "prepare", "args": {"calls": ["log_lora_model"]}}
+    assert serve_requests([OPEN, prepare, {"call": "end", "args": {"status": "FINISHED"}}]) == {"error": None}
+    assert "torch" in requirements_utils._PACKAGES_TO_MODULES
+
+    def broken() -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setitem(worker.PREPARATIONS, "log_lora_model", broken)
+    assert serve_requests([OPEN, prepare, {"call": "end", "args": {"status": "FINISHED"}}]) == {"error": None}
+    assert "preparing tracker call log_lora_model failed (disk full)" in caplog.text
+    assert [run.info.status for run in tracked_runs(uri)] == ["FINISHED", "FINISHED"]
+
+
 def test_worker_tracker_process_round_trip(tmp_path, monkeypatch):
     """A real worker process receives calls without the stage waiting, and close raises on a failed call."""
     monkeypatch.chdir(tmp_path)
@@ -162,6 +186,8 @@ def test_worker_tracker_process_round_trip(tmp_path, monkeypatch):
     tracker = WorkerTracker("good", "worker-test", {"train": {"beta": 500}}, required=True)
     for step in range(5):
         tracker.log_metrics({"loss": torch.tensor(1.0 / (step + 1))}, step=step)
+    with pytest.raises(ValueError, match=r"nothing to prepare for tracker calls \['log_video'\]"):
+        tracker.prepare("log_video")
     tracker.close("FINISHED")
 
     failing = WorkerTracker("bad", "worker-test", {}, required=True)
@@ -185,3 +211,21 @@ def test_seeding_sets_deterministic_kernels_without_inductor():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.split() == ["True", "True", "False"]
+
+
+def test_freeze_before_exit_finalizes_garbage_first():
+    """Garbage that exists when a stage ends is still finalized; what is alive is frozen for the exit."""
+    code = (
+        "import gc\n"
+        "from pgdpo.process import freeze_before_exit\n"
+        "class Cycle:\n"
+        "    def __del__(self):\n"
+        "        print('finalized', flush=True)\n"
+        "cycle = Cycle()\n"
+        "cycle.self = cycle\n"
+        "del cycle\n"
+        "freeze_before_exit()\n"
+        "print(gc.get_freeze_count() > 1000)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.split() == ["finalized", "True"]
