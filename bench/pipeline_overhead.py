@@ -16,6 +16,7 @@ machine with one core, that work slows the stage instead and counts as stage tim
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 import tempfile
@@ -92,22 +93,42 @@ WORKER_PROBE = (
 )
 
 
+# Prints how long `import stages.<name>` takes inside the process, without the process's exit.
+IMPORT_PROBE = "import time\nstarted = time.perf_counter()\nimport stages.{stage}\nprint(time.perf_counter() - started)\n"
+
+WAIT_SOURCES = {"logged": "as each stage logged it", "estimate": "estimate: round trip minus stage time"}
+
+# The line `WorkerTracker.close` logs in each stage process when its tracking worker is done.
+WORKER_DONE = re.compile(r"MLflow tracking worker of stage (\S+) done ([0-9.]+) s after the stage")
+
+
 def time_command(command: list[str], project: Path) -> float:
     started = time.perf_counter()
     subprocess.run(command, cwd=project, env=project_env(project), check=True, capture_output=True)
     return time.perf_counter() - started
 
 
+def import_seconds(project: Path, stage: str) -> float:
+    command = [sys.executable, "-c", IMPORT_PROBE.format(stage=stage)]
+    result = subprocess.run(command, cwd=project, env=project_env(project), check=True, capture_output=True, text=True)
+    return float(result.stdout.split()[-1])
+
+
+def logged_worker_waits(log_file: Path) -> dict[str, float]:
+    """Return each stage's wait for its tracking worker, as the stage logged it in `log_file`."""
+    return {match[1]: float(match[2]) for match in WORKER_DONE.finditer(log_file.read_text())}
+
+
 def overhead_breakdown(project: Path, stages: list[str]) -> dict:
     """Time the parts of a stage process that are not stage work, each in a fresh process.
 
-    interpreter: `python -c pass`; imports: `import stages.<name>` per stage (includes the
-    interpreter); worker_round_trip: starting a tracking worker and closing it with no stage work,
-    minus the interpreter.
+    interpreter: `python -c pass`; imports: the interpreter plus `import stages.<name>` timed in
+    the process, per stage; worker_round_trip: starting a tracking worker and closing it with no
+    stage work, minus the interpreter.
     """
     python = sys.executable
     interpreter = time_command([python, "-c", "pass"], project)
-    imports = {stage: time_command([python, "-c", f"import stages.{stage}"], project) for stage in stages}
+    imports = {stage: interpreter + import_seconds(project, stage) for stage in stages}
     worker = time_command([python, "-c", WORKER_PROBE], project) - interpreter
     return {"interpreter_s": interpreter, "imports_s": imports, "worker_round_trip_s": worker}
 
@@ -134,8 +155,12 @@ def measure(mode: str, runner: str, root: Path, breakdown: bool) -> dict:
         parts = overhead_breakdown(project, [run["stage"] for run in runs])
         imports = sum(parts["imports_s"].values())
         # A stage waits for its worker only for the part of the round trip its computation did not cover.
-        worker_wait = sum(max(0.0, parts["worker_round_trip_s"] - stage["seconds"]) for stage in stages)
-        parts.update({"imports_total_s": imports, "worker_wait_estimate_s": worker_wait,
+        estimate = sum(max(0.0, parts["worker_round_trip_s"] - stage["seconds"]) for stage in stages)
+        logged = logged_worker_waits(root / "repro.log")
+        measured = set(logged) == {stage["stage"] for stage in stages}
+        worker_wait = sum(logged.values()) if measured else estimate
+        parts.update({"imports_total_s": imports, "worker_waits_logged_s": logged, "worker_wait_estimate_s": estimate,
+                      "worker_wait_s": worker_wait, "worker_wait_source": "logged" if measured else "estimate",
                       "dvc_and_other_s": overhead - imports - worker_wait})
     return {
         "params": mode,
@@ -196,14 +221,14 @@ def main() -> None:
     }
     parts = entry["breakdown"]
     if parts:
-        tables["Overhead breakdown (each part timed in a fresh process)"] = format_table(
+        tables["Overhead breakdown (imports and the round trip timed in fresh processes)"] = format_table(
             ["part", "seconds"],
             [["interpreter start (one process)", parts["interpreter_s"]],
              ["stage imports, all stages (incl. interpreter start)", parts["imports_total_s"]],
              ["MLflow tracking worker round trip with no stage work (one stage)", parts["worker_round_trip_s"]],
-             ["waiting for the tracking workers, all stages (estimate: round trip minus stage time)",
-              parts["worker_wait_estimate_s"]],
-             ["DVC and the rest (overhead minus the above)", parts["dvc_and_other_s"]]])
+             [f"waiting for the tracking workers, all stages ({WAIT_SOURCES[parts['worker_wait_source']]})",
+              parts["worker_wait_s"]],
+             ["DVC, process exits and the rest (overhead minus the above)", parts["dvc_and_other_s"]]])
     finish(result, tables, args.out)
 
 

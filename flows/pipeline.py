@@ -30,6 +30,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from pgdpo.config import ParamsError, load_params
+from pgdpo.process import freeze_before_exit
 from pgdpo.stage import EXIT_INVALID_PARAMS
 from pgdpo.suites import check_prompt_files
 
@@ -306,7 +307,10 @@ def main() -> None:
     parser.add_argument("--project-dir", default=".", help="DVC project root (default: the current folder)")
     parser.add_argument("--stages", nargs="+", default=None, metavar="STAGE", help=f"stages to run, in order (default: {' '.join(STAGES)})")
     args = parser.parse_args()
-    pipeline(project_dir=args.project_dir, stages=args.stages)
+    try:
+        pipeline(project_dir=args.project_dir, stages=args.stages)
+    finally:
+        freeze_before_exit()
 
 
 if __name__ == "__main__":

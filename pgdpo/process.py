@@ -1,4 +1,4 @@
-"""Process-level helpers shared by the stage processes and their MLflow tracking workers."""
+"""Process-level helpers shared by the stage processes, their MLflow tracking workers and the Prefect flow."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import gc
 
 
 def freeze_before_exit() -> None:
-    """Spare the interpreter's last garbage collection, which walks every object alive at exit.
+    """Spare the garbage collections the interpreter runs while it exits, which walk every live object.
 
-    With torch and diffusers imported, that walk took 1.2 to 1.5 s per stage process, paid once
-    per stage at the end of every run (BENCHMARKS.md, "Pipeline overhead"). `gc.freeze` moves
-    all objects alive now out of the collector's reach. atexit handlers and module teardown still
-    run, so log handlers flush as before.
+    With torch and diffusers imported, exiting took 1.2 to 1.5 s longer than with this call, once
+    per stage in every pipeline run (BENCHMARKS.md, "Pipeline overhead"). `gc.collect` first
+    finalizes the garbage there is now; `gc.freeze` then moves every object still alive out of
+    the collector's reach. atexit handlers and module teardown still run, so log handlers flush
+    as before.
 
-    NOTE: an object that is only reachable through a reference cycle when the process exits is
-    then never finalized. The stages close what they write (context managers) before they return,
+    NOTE: a reference cycle that becomes garbage after this call (for example during module
+    teardown) is never finalized. The stages close what they write (context managers) before they return,
     so no output depends on such a finalizer.
     """
     gc.collect()

@@ -137,7 +137,7 @@ def _prepare_lora_model() -> None:
     prepare_logging()
 
 
-# What the worker does ahead of a call the stage announced with `prepare`.
+# Work done ahead of a call that the stage announced with `prepare`, by call name.
 PREPARATIONS = {"log_lora_model": _prepare_lora_model}
 
 

@@ -142,3 +142,20 @@ def test_pipeline_overhead_smoke(tmp_path: Path):
     assert 0 < result["overhead_fraction"] < 1
     assert positive(result["noop_s"])
     assert result["noop_stage_runs"] == 0
+
+
+def test_overhead_reads_worker_waits_from_stage_logs(tmp_path, monkeypatch, caplog):
+    """The pipeline-overhead breakdown parses the line a stage logs when its tracking worker is done."""
+    from bench.pipeline_overhead import logged_worker_waits
+    from pgdpo.tracking_worker import WorkerTracker
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    caplog.set_level("INFO")
+    WorkerTracker("label", "bench-test", {}, required=True).close("FINISHED")
+    log = tmp_path / "repro.log"
+    log.write_text(caplog.text)
+
+    waits = logged_worker_waits(log)
+    assert list(waits) == ["label"]
+    assert 0 < waits["label"] < 120
