@@ -87,7 +87,7 @@ def run_stage(stage: str, project_dir: str, env: dict[str, str]) -> None:
     logger = get_run_logger()
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     logger.info("running %s in %s", " ".join(command), project_dir)
-    # DVC runs each stage's `python -m stages.<name>` through the shell, so this interpreter's
+    # DVC runs each stage's `python -m stages <name>` through the shell, so this interpreter's
     # folder goes first on PATH for the stage to use the same environment as the flow.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     # A new session gives DVC and the stage it starts one process group, so a timeout stops both.

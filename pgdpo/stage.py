@@ -18,7 +18,7 @@ from pgdpo.logs import setup_logging
 from pgdpo.process import freeze_before_exit
 from pgdpo.runtime import seed_everything
 from pgdpo.tracking import Tracker, check_reachable, tracking_unusable, tracking_uri
-from pgdpo.tracking_worker import WorkerTracker
+from pgdpo.tracking_worker import WorkerTracker, stop_early
 from pgdpo.training.parallel import DataParallel
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ def stage_main(name: str, run: Callable[[Params, Tracker], None], sections: list
     try:
         _validate_and_run(name, run, sections)
     finally:
+        stop_early()
         freeze_before_exit()
 
 
@@ -65,6 +66,7 @@ def _run_tracked(name: str, run: Callable[[Params, Tracker], None], sections: li
     if rank > 0:
         # In a data-parallel run only rank 0 logs to MLflow; the other ranks train without a run.
         logger.info("stage %s started on rank %d without MLflow tracking", name, rank)
+        stop_early()
         run(params, Tracker(None))
         return
 
@@ -73,6 +75,7 @@ def _run_tracked(name: str, run: Callable[[Params, Tracker], None], sections: li
     try:
         check_reachable(uri)
     except ConnectionError as error:
+        stop_early()
         tracking_unusable(uri, name, error, params.tracking.required)
         run(params, Tracker(None))
         return

@@ -28,7 +28,7 @@ from typing import Any
 
 from pgdpo.logs import setup_logging
 from pgdpo.process import freeze_before_exit
-from pgdpo.tracking import Tracker, stage_run
+from pgdpo.tracking import Tracker, stage_run, tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +44,44 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _start_worker() -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pgdpo.tracking_worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
+# The worker `start_early` started, until a WorkerTracker takes it over.
+_early_worker: subprocess.Popen | None = None
+
+
+def start_early() -> None:
+    """Start this process's tracking worker now, before the stage imports torch and diffusers.
+
+    The worker imports MLflow while the stage imports its own libraries, and waits for the
+    stage's WorkerTracker to send it the run to open. `python -m stages NAME` calls this.
+    """
+    global _early_worker
+    if _early_worker is None:
+        _early_worker = _start_worker()
+
+
+def stop_early() -> None:
+    """Close a worker that `start_early` started and no WorkerTracker took over (a stage without tracking)."""
+    global _early_worker
+    if _early_worker is not None:
+        _early_worker.stdin.close()
+        _early_worker.wait()
+        _early_worker = None
+
+
 class WorkerTracker(Tracker):
     """Tracker of the stage process: forwards every call to a tracking worker without waiting."""
 
     def __init__(self, stage: str, experiment: str, params: dict[str, Any], required: bool):
+        global _early_worker
         super().__init__(None)
         self.stage = stage
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "pgdpo.tracking_worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+        self.process, _early_worker = _early_worker or _start_worker(), None
         self._send("open", stage=stage, experiment=experiment, params=params, required=required)
 
     @property
@@ -169,7 +198,11 @@ def serve(requests, write_result) -> None:
     The run ends FINISHED only on an "end" request with that status and no failed call. At the
     end of input without "end" (the stage process died) it ends FAILED.
     """
-    opening = json.loads(requests.readline() or "{}")
+    first = requests.readline()
+    if not first:
+        # A worker started early whose stage ended without tracking (invalid params, no server).
+        return
+    opening = json.loads(first)
     if opening.get("call") != "open":
         write_result({"error": f"expected an 'open' request first, got {opening.get('call')!r}"})
         return
@@ -197,8 +230,24 @@ def serve(requests, write_result) -> None:
     write_result({"error": "; ".join(errors) if errors else None})
 
 
+def import_ahead() -> None:
+    """Import what opening a run needs before the first request arrives (about 2.5 s).
+
+    A worker started early does this while its stage imports torch and diffusers.
+    """
+    from urllib.parse import urlparse
+
+    import mlflow  # noqa: F401
+    from dvc.repo import Repo  # noqa: F401
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+
+    if urlparse(tracking_uri()).scheme.split("+")[0] in DATABASE_ENGINES:
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
 def main() -> None:
     setup_logging()
+    import_ahead()
     # The result line goes to the real stdout, and whatever libraries print goes to stderr instead.
     results = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

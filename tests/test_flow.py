@@ -103,7 +103,7 @@ def test_invalid_params_in_stage_not_retried(harness, tmp_path, monkeypatch, cap
 
 
 def test_stage_exit_code_from_dvc_output():
-    tail = ["ERROR: failed to reproduce 'prompts': failed to run: python -m stages.prompts, exited with 78"]
+    tail = ["ERROR: failed to reproduce 'prompts': failed to run: python -m stages prompts, exited with 78"]
     assert stage_exit_code(tail, 255) == EXIT_INVALID_PARAMS
     assert stage_exit_code(["ERROR: lock file is busy"], 255) == 255
 

@@ -229,3 +229,40 @@ def test_freeze_before_exit_finalizes_garbage_first():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.split() == ["finalized", "True"]
+
+
+def tracking_workers_in(project: Path) -> list[int]:
+    """PIDs of tracking worker processes that run in `project`."""
+    import psutil
+
+    pids = []
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        if "pgdpo.tracking_worker" in (process.info["cmdline"] or []) and process.info["cwd"] == str(project):
+            pids.append(process.pid)
+    return pids
+
+
+def test_stage_launcher_runs_stage_with_early_worker(tmp_path):
+    """`python -m stages NAME` logs one finished run; bad names and invalid params leave no worker behind."""
+    project = make_project(tmp_path / "project")
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+
+    usage = run_cli([sys.executable, "-m", "stages", "prompt"], project, check=False)
+    assert usage.returncode == 1
+    assert "got 'prompt', expected one of: base, check, evaluate" in usage.stderr
+
+    run_cli([sys.executable, "-m", "stages", "prompts"], project)
+    (run,) = tracked_runs(uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["prompts/eval"] > 0
+    assert (project / "data/prompts/train.txt").read_text().strip()
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["prompts"]["num_eval_combos"] = -3
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    invalid = run_cli([sys.executable, "-m", "stages", "prompts"], project, check=False)
+    assert invalid.returncode == 78
+    assert "prompts.num_eval_combos = -3" in invalid.stderr
+    assert "Traceback" not in invalid.stderr
+    assert tracking_workers_in(project) == []
+    assert len(tracked_runs(uri)) == 1
