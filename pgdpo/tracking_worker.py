@@ -231,7 +231,7 @@ def serve(requests, write_result) -> None:
 
 
 def import_ahead() -> None:
-    """Import what opening a run needs before the first request arrives (about 2.5 s).
+    """Import what opening a run needs before the first request arrives (2.5 s under `python -X importtime`).
 
     A worker started early does this while its stage imports torch and diffusers.
     """

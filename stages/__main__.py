@@ -22,8 +22,8 @@ def stage_names() -> list[str]:
 def main() -> None:
     names = stage_names()
     if len(sys.argv) < 2 or sys.argv[1] not in names:
-        given = repr(sys.argv[1]) if len(sys.argv) > 1 else "no stage"
-        sys.exit(f"usage: python -m stages NAME [ARGS...]; got {given}, expected one of: {', '.join(names)}")
+        argument = repr(sys.argv[1]) if len(sys.argv) > 1 else "no stage"
+        sys.exit(f"usage: python -m stages NAME [ARGS...]; got {argument}, expected one of: {', '.join(names)}")
     name = sys.argv.pop(1)
 
     # `check` only reads params.yaml and opens no MLflow run.
