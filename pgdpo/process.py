@@ -15,8 +15,8 @@ def freeze_before_exit() -> None:
     as before.
 
     NOTE: a reference cycle that becomes garbage after this call (for example during module
-    teardown) is never finalized. The stages close what they write (context managers) before they return,
-    so no output depends on such a finalizer.
+    teardown) is never finalized. The stages close what they write (context managers) before
+    they return, so no output depends on such a finalizer.
     """
     gc.collect()
     gc.freeze()

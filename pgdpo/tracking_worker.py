@@ -81,7 +81,8 @@ class WorkerTracker(Tracker):
         global _early_worker
         super().__init__(None)
         self.stage = stage
-        self.process, _early_worker = _early_worker or _start_worker(), None
+        self.process = _early_worker or _start_worker()
+        _early_worker = None
         self._send("open", stage=stage, experiment=experiment, params=params, required=required)
 
     @property

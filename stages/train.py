@@ -21,6 +21,7 @@ from pgdpo.paths import ADAPTER, BASE_MODEL, CHECKPOINTS, METRICS, PAIRS, PLOTS
 from pgdpo.runtime import resolve_device
 from pgdpo.stage import setup_logging, stage_main
 from pgdpo.tracking import Tracker
+from pgdpo.tracking_worker import stop_early
 from pgdpo.video import file_sha256
 from pgdpo.training.lora import add_lora, save_lora
 from pgdpo.training.parallel import DataParallel, relaunch
@@ -138,6 +139,8 @@ def relaunch_if_parallel() -> None:
     if num_processes == 1 or DataParallel.from_env().active:
         return
     setup_logging()
+    # Rank 0 starts its own tracking worker; one started early by `python -m stages` would idle.
+    stop_early()
     sys.exit(relaunch("stages.train", num_processes))
 
 

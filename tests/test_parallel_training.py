@@ -71,7 +71,8 @@ def two_runs(tiny_wan_folder: Path, tmp_path_factory) -> dict:
     runs: dict = {"project": project}
 
     set_num_processes(project, 2)
-    result = run_cli([sys.executable, "-m", "stages.train"], project, timeout=300)
+    # The command dvc.yaml runs: the launcher starts a tracking worker early, and the relaunch stops it.
+    result = run_cli([sys.executable, "-m", "stages", "train"], project, timeout=300)
     runs["parallel_output"] = result.stdout + result.stderr
     runs["parallel_adapter"] = load_file(str(project / ADAPTER_FILE))
     runs["parallel_log"] = pd.read_csv(project / "plots/train.tsv", sep="\t")
