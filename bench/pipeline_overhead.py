@@ -122,9 +122,9 @@ def logged_worker_waits(log_file: Path) -> dict[str, float]:
 def overhead_breakdown(project: Path, stages: list[str]) -> dict:
     """Time the parts of a stage process that are not stage work, each in a fresh process.
 
-    interpreter: `python -c pass`; imports: the interpreter plus `import stages.<name>` timed in
-    the process, per stage; worker_round_trip: starting a tracking worker and closing it with no
-    stage work, minus the interpreter.
+    `interpreter_s` is the wall time of `python -c pass`. `imports_s` maps each stage to that
+    time plus `import stages.<name>` timed inside the process. `worker_round_trip_s` is the time
+    to start a tracking worker and close it with no stage work, minus the interpreter.
     """
     python = sys.executable
     interpreter = time_command([python, "-c", "pass"], project)

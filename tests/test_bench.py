@@ -144,7 +144,7 @@ def test_pipeline_overhead_smoke(tmp_path: Path):
     assert result["noop_stage_runs"] == 0
 
 
-def test_overhead_reads_worker_waits_from_stage_logs(tmp_path, monkeypatch, caplog):
+def test_overhead_parses_worker_waits(tmp_path, monkeypatch, caplog):
     """The pipeline-overhead breakdown parses the line a stage logs when its tracking worker is done."""
     from bench.pipeline_overhead import logged_worker_waits
     from pgdpo.tracking_worker import WorkerTracker

@@ -154,7 +154,7 @@ def test_worker_fails_run_when_stage_dies(tmp_path, monkeypatch):
 
 
 def test_worker_prepares_model_logging(tmp_path, monkeypatch, caplog):
-    """`prepare` fills MLflow's map of installed packages before log_model needs it; a failed preparation only warns."""
+    """`prepare` fills MLflow's map of installed packages before log_model needs it. A failed preparation only warns."""
     from mlflow.utils import requirements_utils
 
     import pgdpo.tracking_worker as worker
@@ -213,8 +213,8 @@ def test_seeding_sets_deterministic_kernels_without_inductor():
     assert result.stdout.split() == ["True", "True", "False"]
 
 
-def test_freeze_before_exit_finalizes_garbage_first():
-    """Garbage that exists when a stage ends is still finalized; what is alive is frozen for the exit."""
+def test_freeze_finalizes_garbage_first():
+    """Garbage that exists when a stage ends is still finalized, and the live objects are frozen for the exit."""
     code = (
         "import gc\n"
         "from pgdpo.process import freeze_before_exit\n"
@@ -242,8 +242,8 @@ def tracking_workers_in(project: Path) -> list[int]:
     return pids
 
 
-def test_stage_launcher_runs_stage_with_early_worker(tmp_path):
-    """`python -m stages NAME` logs one finished run; bad names and invalid params leave no worker behind."""
+def test_stage_launcher_early_worker(tmp_path):
+    """`python -m stages NAME` logs one finished run. Unknown names and invalid params leave no worker behind."""
     project = make_project(tmp_path / "project")
     uri = f"sqlite:///{project / 'mlflow.db'}"
 
