@@ -12,6 +12,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -92,6 +93,17 @@ class Stopwatch:
             self.seconds = self._start.elapsed_time(self._end) / 1000.0
         else:
             self.seconds = time.perf_counter() - self._t0
+
+
+def use_fresh_inductor_cache() -> str:
+    """Point torch's inductor cache at a new, empty folder and return its path.
+
+    Kernels that an earlier run left in torch's default cache folder would hide the compile
+    time, so benchmarks with --compile compile from scratch (torch reads the variable per lookup).
+    """
+    folder = tempfile.mkdtemp(prefix="bench-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
 
 
 def summarise_times(seconds: Sequence[float]) -> dict[str, float]:

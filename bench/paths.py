@@ -25,8 +25,8 @@ from bench.common import Stopwatch
 from bench.models import ClipPairs, load_model
 from pgdpo.config import Params
 from pgdpo.losses import compute_loss
+from pgdpo.models.compile import compile_denoiser
 from pgdpo.training.lora import add_lora
-from pgdpo.training.speed import compile_denoiser
 from pgdpo.training.trainer import PairData, TrainConfig, preference_step
 
 # Batch size of the one-off latent encoding, the same as `pgdpo.pairs.cache_latents` uses.

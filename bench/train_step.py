@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from bench.common import (
     run_isolated,
     setup_logging,
     summarise_times,
+    use_fresh_inductor_cache,
 )
 from bench.models import MODELS, render_pairs
 from bench.paths import PATHS, BaselinePath, PgdpoPath, encode_pairs, step_inputs
@@ -383,17 +383,14 @@ def main() -> None:
                             help="also time pgdpo's step with the denoiser under torch.compile (train.compile)")
 
     args = parse_args(__doc__.splitlines()[0], options)
-    if args.compile:
-        # Kernels that an earlier run left in torch's default cache folder would hide the compile
-        # time, so every run compiles into a new, empty folder (torch reads the variable per lookup).
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
+    inductor_cache = use_fresh_inductor_cache() if args.compile else None
     if args.models is None:
         args.models = ["tiny_wan"] if args.smoke else list(MODELS)
     params = load_params(ROOT / "params.yaml")
     sizes = sizes_for(args, params)
     result = result_header("train_step", args)
     result["sizes"] = sizes.__dict__
-    result["inductor_cache_dir"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR") if args.compile else None
+    result["inductor_cache_dir"] = inductor_cache
     result["train_settings"] = {"method": params.train.method, "lora_rank": params.train.lora.rank,
                                 "probe_every": params.train.probe_every, "log_every": params.train.log_every}
 

@@ -19,6 +19,9 @@ DEFAULT_PARAMS = Path("params.yaml")
 # Device names that `pgdpo.runtime.resolve_device` accepts.
 DEVICE_PATTERN = r"^(cpu|auto|cuda(:\d+)?)$"
 
+# Modes of torch.compile that `train.compile_mode` and `runtime.compile_sampling_mode` accept.
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
 
 class ParamsError(ValueError):
     """Raised when params.yaml is missing, unreadable or fails validation."""
@@ -38,6 +41,10 @@ class RuntimeParams(Section):
     vae_slicing: bool = Field(False, description="VAE encodes and decodes one clip of a batch at a time")
     vae_tiling: bool = Field(False, description="VAE works on overlapping spatial tiles (where the VAE class supports it)")
     cpu_offload: bool = Field(False, description="sampling stages move each component to the GPU only while it runs (CUDA only)")
+    compile_sampling: bool = Field(
+        False, description="torch.compile the denoiser in the sampling stages (generate, evaluate_base, evaluate)"
+    )
+    compile_sampling_mode: CompileMode = Field("default", description="torch.compile mode when runtime.compile_sampling is true")
 
 
 class WorldParams(Section):
@@ -163,9 +170,7 @@ class TrainParams(Section):
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step; batch_size stays the pairs per step")
     gradient_checkpointing: bool = Field(False, description="recompute denoiser activations in backward to save memory")
     compile: bool = Field(False, description="torch.compile the denoiser; pays off in long runs, costs minutes to compile")
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
-        "default", description="torch.compile mode when train.compile is true"
-    )
+    compile_mode: CompileMode = Field("default", description="torch.compile mode when train.compile is true")
     offload_frozen: bool = Field(True, description="release the text encoders and VAE: training reads cached latents")
     num_processes: int = Field(1, ge=1, description="data-parallel processes; >1 relaunches train with accelerate launch")
     seed: int = 0

@@ -57,11 +57,12 @@ class ModelSource:
     # base.video as (key, value) pairs, hashable like every other field; None for the shapes base.
     video: tuple[tuple[str, int | None], ...] | None = None
     memory: MemoryOptions = MemoryOptions()
+    compile_mode: str | None = None
 
     @classmethod
     def from_params(cls, params, lora: str | os.PathLike | None = None) -> ModelSource:
         """Describe the base model that `params.base` selects, as `pgdpo.models.load_base` loads it."""
-        from pgdpo.models import memory_options
+        from pgdpo.models import memory_options, sampling_compile_mode
         from pgdpo.paths import BASE_MODEL
 
         shapes = params.base.model == "shapes"
@@ -76,6 +77,7 @@ class ModelSource:
             threads=params.runtime.threads,
             video=None if shapes else tuple(params.base.video.model_dump().items()),
             memory=memory_options(params),
+            compile_mode=sampling_compile_mode(params),
         )
 
     def load(self) -> VideoModelAdapter:
@@ -86,6 +88,7 @@ class ModelSource:
         adapter = load_adapter(
             self.model, device=resolve_device(self.device), dtype=self.dtype, revision=self.revision, variant=self.variant,
             video=dict(self.video) if self.video is not None else None, memory=self.memory,
+            compile_mode=self.compile_mode,
         )
         if self.lora is not None:
             adapter.pipe.load_lora_weights(self.lora)

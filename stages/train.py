@@ -16,6 +16,7 @@ import torch
 from pgdpo.config import Params, ParamsError, load_params
 from pgdpo.io import atomic_dir, read_table, write_json, write_table
 from pgdpo.models import load_base
+from pgdpo.models.compile import compile_denoiser
 from pgdpo.pairs import open_latents
 from pgdpo.paths import ADAPTER, BASE_MODEL, CHECKPOINTS, METRICS, PAIRS, PLOTS
 from pgdpo.runtime import resolve_device
@@ -25,7 +26,7 @@ from pgdpo.tracking_worker import stop_early
 from pgdpo.video import file_sha256
 from pgdpo.training.lora import add_lora, save_lora
 from pgdpo.training.parallel import DataParallel, relaunch
-from pgdpo.training.speed import compile_denoiser, enable_gradient_checkpointing
+from pgdpo.training.speed import enable_gradient_checkpointing
 from pgdpo.training.trainer import PairData, TrainConfig, normalise_scores, train_preference
 
 logger = logging.getLogger(__name__)

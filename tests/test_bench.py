@@ -90,16 +90,24 @@ def test_train_step_smoke(tmp_path: Path):
 
 
 def test_generation_smoke(tmp_path: Path):
-    result = run_bench("generation", tmp_path)
+    # About 30 s more with --compile: inductor compiles the batched and the one-clip graphs.
+    result = run_bench("generation", tmp_path, "--compile")
+    assert Path(result["inductor_cache_dir"]).is_dir()
     entry = result["models"]["tiny_wan"]
     assert entry["videos"] == entry["prompts"] * entry["candidates_per_prompt"]
     assert entry["batch_size"] > 1
-    for mode in ("batched", "one_per_call"):
+    for mode in ("batched", "one_per_call", "batched_compiled", "one_per_call_compiled"):
         assert positive(entry["videos_per_second"][mode]), mode
     # Each clip has its own seeded generator, so batching must not change what is sampled.
     assert entry["outputs_equal_within_tolerance"]
     assert entry["max_uint8_diff"] <= entry["uint8_tolerance"]
     assert entry["equal_value_fraction"] > 0.999
+    # Compiled kernels round differently but sample the same clips.
+    for mode in ("batched_compiled", "one_per_call_compiled"):
+        compiled = entry["compiled"][mode]
+        assert compiled["outputs_equal_within_tolerance"], mode
+        assert compiled["compile_s"] > 1, f"{mode}: the first call must hold the compilation"
+        assert positive(compiled["speedup_over_eager_one_per_call"]), mode
 
 
 def test_cpu_efficiency_smoke(tmp_path: Path):

@@ -1,6 +1,6 @@
 """Memory and speed options on a tiny Wan pipeline: each must leave the numbers unchanged on CPU.
 
-Covers gradient accumulation, gradient checkpointing, torch.compile (slow), autocast on CPU, VAE slicing and
+Covers gradient accumulation, gradient checkpointing, torch.compile (training: slow, sampling), autocast on CPU, VAE slicing and
 tiling, model CPU offload on CPU, releasing the frozen modules for training, and the
 family checks of the video size.
 """
@@ -16,14 +16,16 @@ import pytest
 import torch
 
 from pgdpo.config import Params, ParamsError
+from pgdpo.generation import ModelSource
 from pgdpo.losses import LossConfig
 from pgdpo.models import MemoryOptions, load_adapter, load_base
 from pgdpo.models.adapter import VideoConstraints, VideoSpec
+from pgdpo.models.compile import compile_denoiser
 from pgdpo.models.memory import configure_vae
 from pgdpo.models.tiny_families import TINY_FAMILIES
 from pgdpo.training.lora import add_lora
 from pgdpo.training.parallel import DataParallel
-from pgdpo.training.speed import compile_denoiser, enable_gradient_checkpointing
+from pgdpo.training.speed import enable_gradient_checkpointing
 from pgdpo.training.trainer import PairData, TrainConfig, accumulate_gradients, pair_errors, train_preference
 from tests.conftest import TINY_WAN_VIDEO
 
@@ -272,3 +274,37 @@ def test_base_video_sets_spec(tiny_wan_folder: Path):
     adapter = load_base(params)
     assert (adapter.spec.num_frames, adapter.spec.height, adapter.spec.width, adapter.spec.fps) == (9, 32, 32, 8)
     assert adapter.spec.max_sequence_length == 16
+
+
+# ----- torch.compile in the sampling stages ------------------------------------------------
+
+
+def compiled_graphs() -> int:
+    """Return how many distinct graphs torch.compile has traced in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compile_sampling_matches_eager(tiny_wan_folder: Path):
+    # About 30 s: inductor compiles one graph (the conditional and unconditional passes share a shape).
+    base = {"model": str(tiny_wan_folder), "video": TINY_WAN_VIDEO}
+    compiled_params = Params.model_validate({"base": base, "runtime": {"compile_sampling": True}})
+    source = ModelSource.from_params(compiled_params)
+    assert source.compile_mode == "default"
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    sample = dict(num_inference_steps=2, guidance_scale=4.0, batch_size=2)
+
+    before = compiled_graphs()
+    compiled = source.load().generate(prompts, seeds, **sample)
+    assert compiled_graphs() > before, "runtime.compile_sampling must compile the denoiser"
+    eager = load_base(Params.model_validate({"base": base})).generate(prompts, seeds, **sample)
+    difference = np.abs(compiled.astype(np.int16) - eager.astype(np.int16))
+    assert difference.max() <= 1, f"compiled clips differ from eager ones by up to {difference.max()} uint8 levels"
+
+    # Training loads ignore the sampling switch: `train.compile` decides there.
+    trainer = load_base(compiled_params, training=True)
+    before = compiled_graphs()
+    with torch.no_grad():
+        trainer.predict(torch.randn(1, *LATENT_SHAPE), torch.tensor([500.0]), torch.randn(1, 16, 32))
+    assert compiled_graphs() == before

@@ -11,6 +11,7 @@ from diffusers import DiffusionPipeline
 
 from pgdpo.config import ParamsError
 from pgdpo.models.adapter import VideoModelAdapter, VideoSpec, read_video_spec, write_video_spec
+from pgdpo.models.compile import compile_denoiser
 from pgdpo.models.families.animatediff import AnimateDiffAdapter
 from pgdpo.models.families.cogvideox import CogVideoXAdapter
 from pgdpo.models.families.hunyuan_video import HunyuanVideoAdapter
@@ -29,7 +30,7 @@ ADAPTERS: dict[str, type[VideoModelAdapter]] = {
 
 __all__ = [
     "ADAPTERS", "InvalidVideoSpec", "MemoryOptions", "VideoModelAdapter", "VideoSpec", "load_adapter",
-    "memory_options", "read_video_spec", "video_overrides", "write_video_spec",
+    "memory_options", "read_video_spec", "sampling_compile_mode", "video_overrides", "write_video_spec",
 ]
 
 
@@ -51,6 +52,7 @@ def load_adapter(
     variant: str | None = None,
     video: dict | None = None,
     memory: MemoryOptions | None = None,
+    compile_mode: str | None = None,
 ) -> VideoModelAdapter:
     """Load a diffusers pipeline from a hub id or local folder and wrap it in its family adapter.
 
@@ -61,6 +63,7 @@ def load_adapter(
         revision, variant: passed to `from_pretrained`.
         video: overrides of the video size and sampling defaults (see `VideoSpec`).
         memory: VAE slicing and tiling, CPU offload, releasing frozen modules (default: all off).
+        compile_mode: torch.compile mode for the denoiser, or None to run it eagerly.
 
     Raises:
         ValueError: unsupported pipeline class, or video size unknown.
@@ -92,6 +95,8 @@ def load_adapter(
     if problems:
         raise InvalidVideoSpec(class_name, problems)
     place_pipeline(pipe, adapter.denoiser, device, memory or MemoryOptions())
+    if compile_mode is not None:
+        compile_denoiser(adapter.denoiser, compile_mode)
     return adapter
 
 
@@ -99,8 +104,9 @@ def load_base(params, training: bool = False, device: torch.device | None = None
     """Load the base model that `params.base` selects: the shapes-world base or `base.model`.
 
     The video size of `base.model` comes from `base.video` (over the folder's `pgdpo.json`).
-    With `training=True`, model CPU offload is off and `train.offload_frozen` releases the
-    text encoders and VAE. `device` overrides `runtime.device` (one GPU per training process).
+    With `training=True`, model CPU offload is off, `train.offload_frozen` releases the
+    text encoders and VAE, and `runtime.compile_sampling` does not apply (`train.compile` does,
+    after the LoRA layers are added). `device` overrides `runtime.device` (one GPU per training process).
 
     Raises:
         ParamsError: the video size breaks the family's constraints, naming the params key.
@@ -118,6 +124,7 @@ def load_base(params, training: bool = False, device: torch.device | None = None
             variant=None if shapes else params.base.variant,
             video=video_overrides(params),
             memory=memory_options(params, training),
+            compile_mode=None if training else sampling_compile_mode(params),
         )
     except InvalidVideoSpec as error:
         section = "world" if shapes else "base.video"
@@ -129,6 +136,11 @@ def load_base(params, training: bool = False, device: torch.device | None = None
 def video_overrides(params) -> dict | None:
     """Return `base.video` as `load_adapter` overrides, or None for the shapes base (its size is in pgdpo.json)."""
     return None if params.base.model == "shapes" else params.base.video.model_dump()
+
+
+def sampling_compile_mode(params) -> str | None:
+    """Return the torch.compile mode of the sampling stages, or None when `runtime.compile_sampling` is off."""
+    return params.runtime.compile_sampling_mode if params.runtime.compile_sampling else None
 
 
 def memory_options(params, training: bool = False) -> MemoryOptions:
