@@ -48,7 +48,7 @@ def compare_modes(
 
     With `compiled`, a second copy of the model samples under `torch.compile`
     (`runtime.compile_sampling`), in batches and one clip per call. One untimed call per compiled
-    mode holds its compilation and is reported separately.
+    mode contains its compilation and is reported separately.
     """
     params = load_params(ROOT / "params.yaml")
     expanded = [prompt for prompt in prompts for _ in range(num_candidates)]
@@ -102,7 +102,7 @@ def compare_modes(
 
 
 def output_difference(clips: np.ndarray, reference: np.ndarray) -> dict:
-    """How far two sets of uint8 clips of the same (prompt, seed) list are apart."""
+    """Return how far two sets of uint8 clips of the same (prompt, seed) list are apart."""
     difference = np.abs(clips.astype(np.int16) - reference.astype(np.int16))
     return {
         "outputs_identical": bool(difference.max() == 0),
@@ -116,7 +116,7 @@ def output_difference(clips: np.ndarray, reference: np.ndarray) -> dict:
 
 def compiled_summary(medians: dict[str, float], first_call: dict[str, float], outputs: dict[str, np.ndarray],
                      videos: int) -> dict:
-    """Speed of the compiled modes against the eager ones, their compile cost and output gap."""
+    """Return the speed of the compiled modes against the eager ones, their compile cost and output gap."""
     summary = {}
     for mode, eager_mode in (("batched_compiled", "batched"), ("one_per_call_compiled", "one_per_call")):
         compile_s = first_call[mode] - medians[mode]
@@ -164,11 +164,12 @@ def main() -> None:
             entry["speedup_ratio_of_medians"], "yes" if entry["speedup_ratio_of_medians"] >= 3 else "no",
             entry["max_uint8_diff"], f"{entry['differing_values']} of {entry['total_values']}",
         ])
-        for mode, c in entry.get("compiled", {}).items():
-            if isinstance(c, dict):
+        for mode, summary in entry.get("compiled", {}).items():
+            if isinstance(summary, dict):
                 compiled_rows.append([
-                    model, mode, entry["videos_per_second"][mode], c["speedup_over_eager_one_per_call"],
-                    c["speedup_over_same_mode_eager"], c["compile_s"], c["break_even_videos"], c["max_uint8_diff"],
+                    model, mode, entry["videos_per_second"][mode], summary["speedup_over_eager_one_per_call"],
+                    summary["speedup_over_same_mode_eager"], summary["compile_s"], summary["break_even_videos"],
+                    summary["max_uint8_diff"],
                 ])
     tables = {"Generation (same prompts and seeds in both modes)": format_table(
         ["model", "videos", "steps", "batch", "batched videos/s", "one-per-call videos/s", "ratio", ">= 3x",

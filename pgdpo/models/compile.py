@@ -31,7 +31,7 @@ def compile_denoiser(denoiser: torch.nn.Module, mode: str = "default") -> None:
     import torch._dynamo
     import torch._inductor.config
 
-    # `seed_everything` sets the kernel flag only; compiled kernels follow the same setting.
+    # `seed_everything` sets only the kernel flag, and compiled kernels follow the same setting.
     torch._inductor.config.deterministic = torch.are_deterministic_algorithms_enabled()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, COMPILE_CACHE_SIZE)
     denoiser.compile(mode=mode, dynamic=False)
