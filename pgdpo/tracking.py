@@ -13,7 +13,9 @@ Every stage run is tagged with the git commit, the stage name, the DVC experimen
 `dvc exp run`) and `pgdpo.dvc_stage_md5`: the md5 of the stage's command, dependency checksums
 and params values, computed with DVC's own hashing when the stage starts. These are the fields
 DVC writes to the stage's entry in dvc.lock after the run, and `lock_fingerprint` computes the
-same md5 from that entry, so a run can be matched to its dvc.lock entry.
+same md5 from that entry, so a run can be matched to its dvc.lock entry. The owner tag names
+the process that opened the run: a stage run that finds an older run of its stage still RUNNING
+with a dead owner marks that run KILLED.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import tempfile
 import urllib.error
@@ -40,6 +43,10 @@ PIPELINE_KEY_TAG = "pgdpo.pipeline_key"
 STAGE_TAG = "pgdpo.stage"
 STAGE_MD5_TAG = "pgdpo.dvc_stage_md5"
 DVC_EXP_TAG = "pgdpo.dvc_exp"
+# "host/pid-start_ms" of the process that opened a stage run, so a later stage run can check
+# whether a run left RUNNING still has a live owner.
+OWNER_TAG = "pgdpo.owner"
+PARENT_RUN_TAG = "mlflow.parentRunId"
 
 
 def tracking_uri(project_dir: str | Path | None = None) -> str:
@@ -72,6 +79,11 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def process_key(process: psutil.Process) -> str:
+    """Return "pid-start_ms" of `process`: unlike the pid alone, it names one process even after pid reuse."""
+    return f"{process.pid}-{int(process.create_time() * 1000)}"
+
+
 def dvc_invocation_key() -> str | None:
     """Return "pid-start_time" of the nearest `dvc` ancestor process, or None if there is none."""
     try:
@@ -79,7 +91,7 @@ def dvc_invocation_key() -> str | None:
         while process is not None:
             cmdline = " ".join(process.cmdline())
             if "dvc" in Path(process.exe()).name or " dvc " in f" {cmdline} " or "/dvc " in cmdline:
-                return f"{process.pid}-{int(process.create_time() * 1000)}"
+                return process_key(process)
             process = process.parent()
     except (psutil.Error, OSError):
         return None
@@ -266,6 +278,58 @@ def find_or_create_parent(client, experiment_id: str, key: str) -> str:
     return run.info.run_id
 
 
+def run_owner() -> str:
+    """Return the OWNER_TAG value of this process: "host/pid-start_ms"."""
+    return f"{socket.gethostname()}/{process_key(psutil.Process())}"
+
+
+def owner_alive(owner: str) -> bool | None:
+    """Return whether the process an OWNER_TAG value names still runs, or None when this host cannot check it.
+
+    None covers an owner on another host and a tag that is not "host/pid-start_ms".
+    """
+    host, _, key = owner.rpartition("/")
+    pid, _, _ = key.partition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        return process_key(psutil.Process(int(pid))) == key
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return None
+
+
+def end_orphaned_runs(client, experiment_id: str, stage: str, current_parent: str | None) -> list[str]:
+    """Mark KILLED the RUNNING runs of `stage` whose owner process has died, and return their ids.
+
+    A stage whose tracking process was killed (`kill -9`, an out-of-memory kill, a lost machine)
+    never ends its run, so the MLflow UI would show it running forever. The run's parent pipeline
+    run is marked KILLED as well, unless it is `current_parent`, which this stage run continues.
+    NOTE: runs opened on another host, and runs from before the owner tag existed, stay as they are.
+    """
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'RUNNING'"
+    )
+    ended = []
+    for run in runs:
+        owner = run.data.tags.get(OWNER_TAG)
+        if owner is None or owner_alive(owner) is not False:
+            continue
+        client.set_terminated(run.info.run_id, status="KILLED")
+        ended.append(run.info.run_id)
+        logger.warning(
+            "MLflow run %s of stage %s was still RUNNING, but its process %s no longer exists; marked it KILLED",
+            run.info.run_id, stage, owner,
+        )
+
+        parent = run.data.tags.get(PARENT_RUN_TAG)
+        if parent and parent != current_parent and client.get_run(parent).info.status == "RUNNING":
+            client.set_terminated(parent, status="KILLED")
+            logger.warning("marked its pipeline run %s KILLED as well", parent)
+    return ended
+
+
 def tracking_unusable(uri: str, stage: str, error: Exception, required: bool) -> None:
     """Raise RuntimeError for a tracking store that failed, or warn once when tracking is optional."""
     if required:
@@ -296,7 +360,11 @@ def stage_run(stage: str, experiment: str, params: dict[str, Any], required: boo
         if not parent_id:
             key = dvc_invocation_key()
             parent_id = find_or_create_parent(client, experiment_id, key) if key else None
-        run = mlflow.start_run(run_name=stage, parent_run_id=parent_id, tags={STAGE_TAG: stage})
+        try:
+            end_orphaned_runs(client, experiment_id, stage, parent_id)
+        except Exception as error:  # noqa: BLE001 - cleaning up is optional, the new run is not
+            logger.warning("checking for runs of stage %s left RUNNING failed: %s", stage, error)
+        run = mlflow.start_run(run_name=stage, parent_run_id=parent_id, tags={STAGE_TAG: stage, OWNER_TAG: run_owner()})
     except Exception as error:  # noqa: BLE001 - any client error means the store is unusable
         tracking_unusable(uri, stage, error, required)
         yield Tracker(None)

@@ -7,13 +7,14 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from pgdpo.tracking import dvc_checksum, dvc_stage_entry, lock_fingerprint
+from pgdpo.tracking import dvc_checksum, dvc_stage_entry, lock_fingerprint, owner_alive
 from pgdpo.tracking_worker import WorkerTracker, serve
 from tests.conftest import make_project, project_env, run_cli
 
@@ -151,6 +152,56 @@ def test_worker_fails_run_when_stage_dies(tmp_path, monkeypatch):
     assert result == {"error": None}
     (run,) = tracked_runs(uri)
     assert run.info.status == "FAILED"
+
+
+def test_owner_alive_cases():
+    import socket
+
+    import psutil
+
+    current = psutil.Process()
+    started = int(current.create_time() * 1000)
+    host = socket.gethostname()
+    assert owner_alive(f"{host}/{current.pid}-{started}") is True
+    # Same pid, other start time: the pid now belongs to another process.
+    assert owner_alive(f"{host}/{current.pid}-{started - 5000}") is False
+    assert owner_alive(f"another-{host}/{current.pid}-{started}") is None
+    assert owner_alive("not an owner") is None
+
+
+def wait_for_run(uri: str, worker: subprocess.Popen, timeout_s: float = 120) -> object:
+    """Return the one stage run in `uri` once `worker` has opened it, polling the store."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runs = tracked_runs(uri)
+        if runs:
+            return runs[0]
+        assert worker.poll() is None, f"the tracking worker exited with {worker.returncode} before opening its run"
+        time.sleep(0.2)
+    raise AssertionError(f"no run appeared in {uri} within {timeout_s} s")
+
+
+def test_killed_worker_run_marked_killed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # Create the store's tables first: two processes creating them at once can fail.
+    assert tracked_runs(uri) == []
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pgdpo.tracking_worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    worker.stdin.write(json.dumps(OPEN) + "\n")
+    worker.stdin.flush()
+    orphan = wait_for_run(uri, worker)
+    worker.kill()
+    worker.wait(timeout=30)
+    assert tracked_runs(uri)[0].info.status == "RUNNING", "a killed worker cannot end its run"
+
+    result = serve_requests([OPEN, {"call": "end", "args": {"status": "FINISHED"}}])
+    assert result == {"error": None}
+    statuses = {run.info.run_id: run.info.status for run in tracked_runs(uri)}
+    assert statuses.pop(orphan.info.run_id) == "KILLED"
+    assert list(statuses.values()) == ["FINISHED"]
 
 
 def test_worker_prepares_model_logging(tmp_path, monkeypatch, caplog):
