@@ -101,15 +101,20 @@ class BaseParams(Section):
     video: VideoParams = Field(default_factory=VideoParams, description="video size when model is not shapes")
 
 
-class GenerateParams(Section):
+class ShardedSection(Section):
+    """Section of a stage that can cut its work into shards and run them on a Dask cluster."""
+
+    shards: int = Field(1, ge=1, description="pieces the work is cut into; >1 runs them on a Dask cluster")
+    workers: int = Field(2, ge=1, description="worker processes of the local Dask cluster when shards > 1")
+    dask_address: str | None = Field(None, description="scheduler address of a running Dask cluster; null starts a local one")
+
+
+class GenerateParams(ShardedSection):
     num_candidates: int = Field(4, ge=2, description="candidate videos per train prompt")
     num_inference_steps: int = Field(20, ge=1)
     guidance_scale: float = Field(4.0, ge=0)
     batch_size: int = Field(64, ge=1)
     seed: int = 1000
-    shards: int = Field(1, ge=1, description="pieces the clip list is cut into; >1 runs them on a Dask cluster")
-    workers: int = Field(2, ge=1, description="worker processes of the local Dask cluster when shards > 1")
-    dask_address: str | None = Field(None, description="scheduler address of a running Dask cluster; null starts a local one")
 
 
 def _check_scorer_names(names: list[str]) -> None:
@@ -121,14 +126,11 @@ def _check_scorer_names(names: list[str]) -> None:
         raise ValueError(f"unknown scorer names {unknown}. Use names from {available_scorers()}")
 
 
-class ScoreParams(Section):
+class ScoreParams(ShardedSection):
     weights: dict[str, float] = Field(
         default_factory=lambda: {"oracle_alignment": 1.0, "temporal_flickering": 0.25},
         description="scorer name -> weight of the total reward",
     )
-    shards: int = Field(1, ge=1, description="pieces the manifest is cut into; >1 runs them on a Dask cluster")
-    workers: int = Field(2, ge=1, description="worker processes of the local Dask cluster when shards > 1")
-    dask_address: str | None = Field(None, description="scheduler address of a running Dask cluster; null starts a local one")
 
     @field_validator("weights")
     @classmethod
@@ -204,7 +206,9 @@ class TrainParams(Section):
         return LossConfig.from_dict(self.loss)
 
 
-class EvaluateParams(Section):
+class EvaluateParams(ShardedSection):
+    """Sampling and scoring of the eval prompts. With shards > 1, both run sharded on Dask."""
+
     num_videos_per_prompt: int = Field(5, ge=1, description="VBench standard mode samples 5 videos per prompt")
     num_inference_steps: int = Field(20, ge=1)
     guidance_scale: float = Field(4.0, ge=0)

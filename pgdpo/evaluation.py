@@ -14,7 +14,9 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from pgdpo.scoring.registry import get_scorer, omni_total
-from pgdpo.scoring.table import REPORTED_DIMENSIONS, TOTAL, score_manifest
+from pgdpo.scoring.sharded import score_manifest_sharded
+from pgdpo.scoring.table import REPORTED_DIMENSIONS, TOTAL
+from pgdpo.sharding import ClusterSpec
 from pgdpo.video import read_video
 
 logger = logging.getLogger(__name__)
@@ -38,10 +40,13 @@ def score_model_videos(
     reward_weights: dict[str, float],
     dimensions: Sequence[str] = REPORTED_DIMENSIONS,
     resource_options: Mapping[str, Mapping[str, Any]] | None = None,
+    cluster: ClusterSpec | None = None,
 ) -> pd.DataFrame:
-    """Score one model's eval clips on every reported dimension plus the reward total."""
+    """Score one model's eval clips on every reported dimension plus the reward total, in shards when `cluster` asks for them."""
     extra = [name for name in dimensions if name not in reward_weights]
-    return score_manifest(manifest, root, reward_weights, extra_scorers=extra, resource_options=resource_options)
+    return score_manifest_sharded(
+        manifest, root, reward_weights, extra_scorers=extra, cluster=cluster, resource_options=resource_options
+    )
 
 
 def add_omni_total(
@@ -155,7 +160,7 @@ def dimension_plot_table(summary: dict) -> pd.DataFrame:
 
 
 def sample_and_score(
-    adapter,
+    model,
     prompts: list[str],
     cfg,
     root: Path,
@@ -163,19 +168,23 @@ def sample_and_score(
     name: str,
     dimensions: Sequence[str] = REPORTED_DIMENSIONS,
     resource_options: Mapping[str, Mapping[str, Any]] | None = None,
+    cluster: ClusterSpec | None = None,
 ):
     """Sample `cfg.num_videos_per_prompt` clips per eval prompt into `root` and score them on `dimensions`.
 
-    Writes `root/manifest.csv`, `root/videos/` and `root/scores.csv`; returns (manifest, scores).
+    `model` is a loaded adapter or a `pgdpo.generation.ModelSource`, which sharded sampling
+    needs. With `cluster.shards > 1` sampling and scoring both run in shards on Dask, and
+    the files equal those of a one-shard run.
+    Writes `root/manifest.csv`, `root/videos/` and `root/scores.csv`, and returns (manifest, scores).
     """
     from pgdpo.generation import generate_videos
     from pgdpo.io import write_table
 
     manifest = generate_videos(
-        adapter, prompts, cfg.num_videos_per_prompt, cfg.seed, root,
+        model, prompts, cfg.num_videos_per_prompt, cfg.seed, root,
         num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-        batch_size=cfg.batch_size, desc=f"evaluate {name}",
+        batch_size=cfg.batch_size, desc=f"evaluate {name}", cluster=cluster,
     )
-    table = score_model_videos(manifest, root, reward_weights, dimensions, resource_options)
+    table = score_model_videos(manifest, root, reward_weights, dimensions, resource_options, cluster)
     write_table(table, root / "scores.csv")
     return manifest, table

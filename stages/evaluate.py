@@ -12,10 +12,11 @@ from pgdpo.evaluation import (
     sample_and_score,
     summarise,
 )
+from pgdpo.generation import ModelSource
 from pgdpo.io import atomic_write_text, read_table, write_json, write_table
-from pgdpo.models import load_base
 from pgdpo.paths import ADAPTER, EVAL_BASE, EVAL_TRAINED, METRICS, PLOTS, REPORTS
 from pgdpo.scoring.clip import resource_options
+from pgdpo.sharding import ClusterSpec
 from pgdpo.stage import stage_main
 from pgdpo.suites import load_eval_prompts
 from pgdpo.tracking import Tracker
@@ -25,12 +26,11 @@ logger = logging.getLogger(__name__)
 
 def run(params: Params, tracker: Tracker) -> None:
     cfg = params.evaluate
-    adapter = load_base(params)
-    adapter.pipe.load_lora_weights(str(ADAPTER))
     scoring = params.scoring
     trained_manifest, trained_table = sample_and_score(
-        adapter, load_eval_prompts(cfg.prompt_suite, cfg.suite_dimensions), cfg, EVAL_TRAINED, params.score.weights,
-        "trained", dimensions=scoring.dimensions, resource_options=resource_options(scoring),
+        ModelSource.from_params(params, lora=ADAPTER), load_eval_prompts(cfg.prompt_suite, cfg.suite_dimensions), cfg,
+        EVAL_TRAINED, params.score.weights, "trained", dimensions=scoring.dimensions,
+        resource_options=resource_options(scoring), cluster=ClusterSpec.from_section(cfg),
     )
     manifests = {"base": read_table(EVAL_BASE / "manifest.csv"), "trained": trained_manifest}
     tables = {"base": read_table(EVAL_BASE / "scores.csv"), "trained": trained_table}

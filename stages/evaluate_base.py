@@ -6,21 +6,22 @@ from the DVC cache.
 
 from pgdpo.config import Params
 from pgdpo.evaluation import sample_and_score
-from pgdpo.models import load_base
+from pgdpo.generation import ModelSource
 from pgdpo.paths import EVAL_BASE
 from pgdpo.scoring.clip import resource_options
 from pgdpo.scoring.table import TOTAL
+from pgdpo.sharding import ClusterSpec
 from pgdpo.stage import stage_main
 from pgdpo.suites import load_eval_prompts
 from pgdpo.tracking import Tracker
 
 
 def run(params: Params, tracker: Tracker) -> None:
-    adapter = load_base(params)
-    prompts = load_eval_prompts(params.evaluate.prompt_suite, params.evaluate.suite_dimensions)
+    cfg = params.evaluate
     _, table = sample_and_score(
-        adapter, prompts, params.evaluate, EVAL_BASE, params.score.weights, "base",
-        dimensions=params.scoring.dimensions, resource_options=resource_options(params.scoring),
+        ModelSource.from_params(params), load_eval_prompts(cfg.prompt_suite, cfg.suite_dimensions), cfg, EVAL_BASE,
+        params.score.weights, "base", dimensions=params.scoring.dimensions,
+        resource_options=resource_options(params.scoring), cluster=ClusterSpec.from_section(cfg),
     )
     means = table.drop(columns=["prompt_id", "prompt", "index", "seed", "path"]).mean().to_dict()
     tracker.log_metrics({f"eval/base/{name}": value for name, value in means.items()})

@@ -1,19 +1,23 @@
-"""Sharded generation and scoring on a local Dask cluster give the bytes of a one-shard run."""
+"""Sharded generation, scoring and evaluation on a local Dask cluster give the bytes of a one-shard run."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 from prefect.testing.utilities import prefect_test_harness
 
+from pgdpo.evaluation import sample_and_score
 from pgdpo.generation import ModelSource, candidate_seeds, generate_videos
+from pgdpo.models import load_adapter
 from pgdpo.models.adapter import VideoSpec, write_video_spec
 from pgdpo.models.tiny_families import build_wan
 from pgdpo.scoring.sharded import score_manifest_sharded
 from pgdpo.sharding import ClusterSpec, dask_task_runner, split_evenly
+from pgdpo.training.lora import add_lora, save_lora
 
 PROMPTS = ["a red circle moving left", "a blue square moving up", "a green triangle moving right"]
 
@@ -99,3 +103,43 @@ def test_three_shards_match_one_shard(harness, cluster_address, tiny_model, tmp_
     pd.testing.assert_frame_equal(one, three)
     assert folder_bytes(tmp_path / "one") == folder_bytes(tmp_path / "three")
     pd.testing.assert_frame_equal(scores_one, scores_three)
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_model, tmp_path_factory) -> Path:
+    """A LoRA adapter of the tiny model with nonzero B matrices, so it changes what the model samples."""
+    adapter = load_adapter(tiny_model, torch.device("cpu"))
+    add_lora(adapter, rank=4, alpha=4.0, dropout=0.0, targets=None, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in adapter.denoiser.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    folder = tmp_path_factory.mktemp("lora") / "adapter"
+    save_lora(adapter, folder)
+    return folder
+
+
+def test_sharded_evaluation_matches_one_shard(harness, cluster_address, tiny_model, tiny_lora, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    source = ModelSource(model=str(tiny_model), lora=str(tiny_lora), threads=1)
+    cfg = SimpleNamespace(num_videos_per_prompt=2, seed=11, num_inference_steps=2, guidance_scale=4.0, batch_size=2)
+    weights = {"oracle_alignment": 1.0}
+    try:
+        one_manifest, one_scores = sample_and_score(source, PROMPTS, cfg, tmp_path / "one", weights, "one")
+        two_manifest, two_scores = sample_and_score(
+            source, PROMPTS, cfg, tmp_path / "two", weights, "two", cluster=ClusterSpec(shards=2, address=cluster_address)
+        )
+        base_manifest, _ = sample_and_score(ModelSource(model=str(tiny_model), threads=1), PROMPTS, cfg,
+                                            tmp_path / "base", weights, "base")
+    finally:
+        torch.set_num_threads(threads)
+
+    assert len(one_manifest) == 6
+    pd.testing.assert_frame_equal(one_manifest, two_manifest)
+    pd.testing.assert_frame_equal(one_scores, two_scores)
+    assert folder_bytes(tmp_path / "one") == folder_bytes(tmp_path / "two")
+    # The workers load the LoRA adapter: the trained clips differ from the base model's.
+    assert list(one_manifest["seed"]) == list(base_manifest["seed"])
+    assert list(one_manifest["sha256"]) != list(base_manifest["sha256"])
