@@ -42,7 +42,7 @@ def score_model_videos(
     resource_options: Mapping[str, Mapping[str, Any]] | None = None,
     cluster: ClusterSpec | None = None,
 ) -> pd.DataFrame:
-    """Score one model's eval clips on every reported dimension plus the reward total, in shards when `cluster` asks for them."""
+    """Score one model's eval clips on every reported dimension plus the reward total, in shards when `cluster.shards` > 1."""
     extra = [name for name in dimensions if name not in reward_weights]
     return score_manifest_sharded(
         manifest, root, reward_weights, extra_scorers=extra, cluster=cluster, resource_options=resource_options
@@ -173,8 +173,8 @@ def sample_and_score(
     """Sample `cfg.num_videos_per_prompt` clips per eval prompt into `root` and score them on `dimensions`.
 
     `model` is a loaded adapter or a `pgdpo.generation.ModelSource`, which sharded sampling
-    needs. With `cluster.shards > 1` sampling and scoring both run in shards on Dask, and
-    the files equal those of a one-shard run.
+    needs. With `cluster.shards > 1` sampling and scoring both run in shards on Dask, and the
+    manifest and score rows are those of a one-shard run (docs/scaling.md describes the rounding).
     Writes `root/manifest.csv`, `root/videos/` and `root/scores.csv`, and returns (manifest, scores).
     """
     from pgdpo.generation import generate_videos
