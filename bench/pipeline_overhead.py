@@ -27,8 +27,8 @@ import yaml
 
 from bench.common import ROOT, finish, format_table, known_sections, parse_args, result_header, setup_logging
 from pgdpo.stage import COMPUTE_END_TAG, COMPUTE_START_TAG
+from pgdpo.testing import SMALL_PARAMS, make_project, project_env
 from pgdpo.tracking import STAGE_TAG
-from tests.conftest import SMALL_PARAMS, make_project, project_env
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def main() -> None:
     setup_logging()
 
     def options(parser) -> None:
-        parser.add_argument("--small", action="store_true", help="use the tests' reduced params (tests/conftest.py)")
+        parser.add_argument("--small", action="store_true", help="use the tests' reduced params (pgdpo/testing.py)")
         parser.add_argument("--runner", choices=["dvc", "prefect"], default="dvc",
                             help="dvc: `dvc repro`; prefect: `python -m flows.pipeline` (dvc repro per stage)")
         parser.add_argument("--keep", type=Path, default=None, help="run in this folder and keep it (default: a temp folder)")

@@ -51,8 +51,8 @@ from pgdpo.config import load_params
 from pgdpo.io import write_prompts
 from pgdpo.paths import EVAL_PROMPTS, PAIRS, TRAIN_PROMPTS
 from pgdpo.runtime import seed_everything
+from pgdpo.testing import make_project
 from pgdpo.tracking import Tracker
-from tests.conftest import make_project
 
 logger = logging.getLogger(__name__)
 
