@@ -32,7 +32,7 @@ from prefect import flow, get_run_logger, task
 from pgdpo.config import load_params
 from pgdpo.io import atomic_write_text, write_json
 from pgdpo.sweep import COLUMNS, collect_experiments, comparison_markdown, plot_probe_trajectories
-from pgdpo.tracking import DVC_EXP_TAG, tracking_uri
+from pgdpo.tracking import DVC_EXP_TAG, create_store, tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,8 @@ def sweep(
         raise ValueError(f"unknown sweep metric {metric!r}; expected one of {list(METRICS)}")
     project = str(Path(project_dir).resolve())
     names = [queue_experiment(project, point, target) for point in grid_points(grid)]
+    # The experiments log into the project's store (see tracking_uri), with up to `jobs` at once.
+    create_store(tracking_uri(project))
     run_queue(project, jobs, names)
     records = summarise(project, names)
     log_to_mlflow(project, records, metric, higher_is_better, alias)

@@ -49,10 +49,42 @@ OWNER_TAG = "pgdpo.owner"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 
 
+# Path parts of DVC's workspace for a queued or `--temp` experiment: a copy of the project at
+# <project>/.dvc/tmp/exps/<folder>, removed when the experiment ends.
+DVC_TEMP_WORKSPACE = (".dvc", "tmp", "exps")
+
+
+def project_root(folder: str | Path) -> Path:
+    """Return the project that `folder` belongs to: the project of a DVC temporary experiment workspace, else `folder`."""
+    folder = Path(folder).resolve()
+    parts = folder.parts
+    width = len(DVC_TEMP_WORKSPACE)
+    for start in range(len(parts) - width):
+        if parts[start : start + width] == DVC_TEMP_WORKSPACE:
+            return Path(*parts[:start])
+    return folder
+
+
 def tracking_uri(project_dir: str | Path | None = None) -> str:
-    """Return `MLFLOW_TRACKING_URI`, else the sqlite store `mlflow.db` in `project_dir` (default: cwd)."""
-    root = Path(project_dir) if project_dir is not None else Path.cwd()
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve() / 'mlflow.db'}"
+    """Return `MLFLOW_TRACKING_URI`, else the sqlite store `mlflow.db` of the project at `project_dir` (default: cwd).
+
+    A stage of a queued experiment runs in a temporary copy of the project, and logs to the
+    project's store, which outlives that copy.
+    """
+    root = project_root(project_dir if project_dir is not None else Path.cwd())
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def create_store(uri: str) -> None:
+    """Create the tables of a database tracking store now, before parallel processes open it.
+
+    Two processes creating the tables of a new sqlite store at the same time can fail.
+    """
+    if uri.startswith(("http://", "https://")):
+        return
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:

@@ -37,7 +37,8 @@ def test_sweep_runs_queued_experiments(reproduced_project: Path, tmp_path: Path,
     run_cli([sys.executable, "-m", "dvc", "repro", "train"], project)
     run_cli(["git", "add", "-A"], project)
     run_cli(["git", "commit", "-qm", "baseline"], project)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    # Without MLFLOW_TRACKING_URI, stages in DVC's temporary experiment copies log to the project's store.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}")
 
     with prefect_test_harness(server_startup_timeout=120):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from pgdpo.tracking import dvc_checksum, dvc_stage_entry, lock_fingerprint, owner_alive
+from pgdpo.tracking import dvc_checksum, dvc_stage_entry, lock_fingerprint, owner_alive, tracking_uri
 from pgdpo.tracking_worker import WorkerTracker, serve
 from tests.conftest import make_project, project_env, run_cli
 
@@ -60,6 +60,20 @@ LOCK_ENTRY = {
     "params": {"params.yaml": {"train": {"steps": 4}}},
     "outs": [{"path": "data/adapter", "md5": "ffff.dir"}],
 }
+
+
+def test_temp_experiment_uses_project_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    workspace = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    workspace.mkdir(parents=True)
+    project_store = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking_uri(workspace) == project_store
+    assert tracking_uri(tmp_path) == project_store
+    monkeypatch.chdir(workspace)
+    assert tracking_uri() == project_store
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(workspace) == "http://127.0.0.1:5000"
 
 
 def test_lock_fingerprint_ignores_order_and_outputs():
