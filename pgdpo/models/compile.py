@@ -22,8 +22,8 @@ def compile_denoiser(denoiser: torch.nn.Module, mode: str = "default") -> None:
 
     `nn.Module.compile` keeps the module object and its state-dict keys, so LoRA loading and
     saving, checkpoints and `disable_adapter` work as before. Compiling happens lazily, at the
-    first forward pass of each input shape (about a minute for the shapes-world base on 2 CPU
-    cores, see BENCHMARKS.md).
+    first forward pass of each input shape. For the shapes-world base on 2 CPU cores that took
+    about a minute per training run and half a minute per sampling batch size (BENCHMARKS.md).
     NOTE: compiled kernels sum in a different order than eager ones, so losses differ from an
     eager run by about 1e-4 relative, and sampled clips by up to one uint8 level. Two runs with
     the same setting give the same bytes.
