@@ -19,8 +19,9 @@ run() {
 }
 
 run train_step train_step --reps 20 --compile
+# Two threads: what the stages use on a 2-core machine (runtime.threads: 0).
+OMP_NUM_THREADS=2 run train_step_2_threads train_step --reps 20 --compile
 run generation generation --prompts 8 --reps 3 --compile
-# Two threads: what the generate stage uses on a 2-core machine (runtime.threads: 0).
 OMP_NUM_THREADS=2 run generation_2_threads generation --prompts 8 --reps 3 --compile
 run cpu_efficiency cpu_efficiency --reps 5
 run scaling scaling
