@@ -10,6 +10,24 @@ import pytest
 from pgdpo.testing import COPIED, ROOT, SMALL_PARAMS, make_project, project_env, run_cli  # noqa: F401 (used by tests)
 
 
+def add_nonzero_lora(adapter, scale: float) -> None:
+    """Add a seeded rank-4 LoRA to `adapter` and fill its B matrices with `scale` times normal noise.
+
+    add_lora starts B at zero, so the adapter changes nothing and A gets no gradient. Nonzero B
+    matrices make every LoRA weight matter.
+    """
+    import torch
+
+    from pgdpo.training.lora import add_lora
+
+    add_lora(adapter, rank=4, alpha=4.0, dropout=0.0, targets=None, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in adapter.denoiser.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
+
+
 @pytest.fixture(scope="session")
 def tiny_wan_folder(tmp_path_factory) -> Path:
     """A random-weight `WanPipeline` saved with `save_pretrained`, with no pgdpo.json: its video

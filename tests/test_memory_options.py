@@ -23,11 +23,10 @@ from pgdpo.models.adapter import VideoConstraints, VideoSpec
 from pgdpo.models.compile import compile_denoiser
 from pgdpo.models.memory import configure_vae
 from pgdpo.models.tiny_families import TINY_FAMILIES
-from pgdpo.training.lora import add_lora
 from pgdpo.training.parallel import DataParallel
 from pgdpo.training.speed import enable_gradient_checkpointing
 from pgdpo.training.trainer import PairData, TrainConfig, accumulate_gradients, pair_errors, train_preference
-from tests.conftest import TINY_WAN_VIDEO
+from tests.conftest import TINY_WAN_VIDEO, add_nonzero_lora
 
 CPU = torch.device("cpu")
 # Latent shape of one tiny Wan clip: 8 channels, 9 frames -> 5, 32x32 pixels -> 16x16.
@@ -45,12 +44,7 @@ def single_thread():
 def lora_adapter(folder: Path, memory: MemoryOptions | None = None):
     """Load the tiny Wan and add a seeded rank-4 LoRA whose B matrices are nonzero, so every LoRA weight gets a gradient."""
     adapter = load_adapter(folder, CPU, video=TINY_WAN_VIDEO, memory=memory)
-    add_lora(adapter, rank=4, alpha=4.0, dropout=0.0, targets=None, seed=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in adapter.denoiser.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.01 * torch.randn(parameter.shape, generator=generator))
+    add_nonzero_lora(adapter, scale=0.01)
     return adapter
 
 

@@ -20,8 +20,9 @@ from pgdpo.models.tiny_families import build_wan
 from pgdpo.scoring.sharded import score_manifest_sharded
 from pgdpo.scoring.table import REPORTED_DIMENSIONS
 from pgdpo.sharding import ClusterSpec, dask_task_runner, split_evenly
-from pgdpo.training.lora import add_lora, save_lora
+from pgdpo.training.lora import save_lora
 from pgdpo.video import read_video
+from tests.conftest import add_nonzero_lora
 
 PROMPTS = ["a red circle moving left", "a blue square moving up", "a green triangle moving right"]
 
@@ -113,12 +114,7 @@ def test_three_shards_match_one_shard(harness, cluster_address, tiny_model, tmp_
 def tiny_lora(tiny_model, tmp_path_factory) -> Path:
     """A LoRA adapter of the tiny model with nonzero B matrices, so it changes what the model samples."""
     adapter = load_adapter(tiny_model, torch.device("cpu"))
-    add_lora(adapter, rank=4, alpha=4.0, dropout=0.0, targets=None, seed=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in adapter.denoiser.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    add_nonzero_lora(adapter, scale=0.05)
     folder = tmp_path_factory.mktemp("lora") / "adapter"
     save_lora(adapter, folder)
     return folder

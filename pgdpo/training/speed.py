@@ -1,6 +1,6 @@
 """Memory switch of the training denoiser: gradient checkpointing.
 
-`pgdpo.models.compile` holds the other switch, torch.compile, which sampling uses too.
+`pgdpo.models.compile` contains the other switch, torch.compile, which sampling uses too.
 """
 
 from __future__ import annotations
