@@ -1,14 +1,17 @@
 """The two training-step implementations that `bench.train_step` compares.
 
 `PgdpoPath` is pgdpo's own step: cached latents and prompt embeddings (as the `label` stage
-writes them), LoRA on the denoiser, and the reference pass with the adapters disabled, through
+writes them), LoRA on the denoiser in the form `train.lora.forward` picks, Wan's rotary
+attention processor, and the reference pass with the adapters disabled, through
 `pgdpo.training.trainer.preference_step`.
 
 `BaselinePath` follows the training loop of SalesforceAIResearch/DiffusionDPO `train.py`
 (commit 8d3ee5c): every step it VAE-encodes the chosen and rejected clips in one concatenated
 batch and runs the text encoder, and the reference is a separate frozen copy of the denoiser.
-Unlike that script, which fine-tunes the whole UNet, its policy is the same LoRA model as
-pgdpo's, so with the same batch, noise and noise levels both paths compute the same loss.
+It runs the model as diffusers and peft ship it: diffusers' attention processor and peft's LoRA
+forward. Unlike that script, which fine-tunes the whole UNet, its policy has the same LoRA
+adapters as pgdpo's, so with the same batch, noise and noise levels both paths compute the same
+loss up to float32 rounding.
 NOTE: that script draws latents with `latent_dist.sample()`. This baseline takes the mode, like
 `WanAdapter.encode_videos`, so the two losses can be compared exactly.
 """
@@ -26,8 +29,9 @@ from bench.models import ClipPairs, load_model
 from pgdpo.config import Params
 from pgdpo.losses import compute_loss
 from pgdpo.models.compile import compile_denoiser
+from pgdpo.models.families.wan_attention import use_rotary_processor
 from pgdpo.training.lora import add_lora
-from pgdpo.training.trainer import PairData, TrainConfig, preference_step
+from pgdpo.training.trainer import PairData, TrainConfig, make_optimizer, preference_step
 
 # Batch size of the one-off latent encoding, the same as `pgdpo.pairs.cache_latents` uses.
 ENCODE_BATCH = 16
@@ -63,16 +67,24 @@ class StepResult:
 class _LoraPolicy:
     """A benchmark model with LoRA adapters and an AdamW optimizer over them."""
 
-    def __init__(self, model: str, device: torch.device, params: Params, batch_size: int, keep_reference: bool):
+    def __init__(self, model: str, device: torch.device, params: Params, batch_size: int, stock: bool):
         self.device = device
         self.adapter = load_model(model, device, seed=0)
-        # The separate reference copy is taken before LoRA is added, as a frozen full model.
-        self.reference = copy.deepcopy(self.adapter.denoiser).requires_grad_(False).eval() if keep_reference else None
         lora = params.train.lora
-        add_lora(self.adapter, lora.rank, lora.alpha, lora.dropout, lora.targets, seed=params.train.seed)
+        if stock:
+            use_rotary_processor(self.adapter.denoiser, enabled=False)
+        # The separate reference copy is taken before LoRA is added, as a frozen full model.
+        self.reference = copy.deepcopy(self.adapter.denoiser).requires_grad_(False).eval() if stock else None
+        add_lora(self.adapter, lora.rank, lora.alpha, lora.dropout, lora.targets, seed=params.train.seed,
+                 forward="peft" if stock else lora.forward)
         self.cfg = train_config(params, batch_size)
         self.parameters = [p for p in self.adapter.denoiser.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        # pgdpo's trainer uses torch's fused AdamW. The public script uses the default one.
+        self.optimizer = (
+            torch.optim.AdamW(self.parameters, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+            if stock
+            else make_optimizer(self.parameters, self.cfg)
+        )
         self.adapter.denoiser.train()
 
     def update(self, loss: torch.Tensor, phases: dict[str, float]) -> None:
@@ -91,6 +103,14 @@ class _LoraPolicy:
         with Stopwatch(self.device) as watch:
             self.optimizer.step()
         phases["optimizer"] = watch.seconds
+
+    @torch.no_grad()
+    def copy_lora_from(self, other: _LoraPolicy) -> None:
+        """Set this path's LoRA weights to those of `other` (the optimizer state is kept)."""
+        if other is self:
+            return
+        for mine, theirs in zip(self.parameters, other.parameters, strict=True):
+            mine.copy_(theirs)
 
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of parameters and buffers of each model component this path keeps."""
@@ -111,7 +131,7 @@ class PgdpoPath(_LoraPolicy):
 
     def __init__(self, model: str, device: torch.device, params: Params, clips: ClipPairs, batch_size: int,
                  compiled: bool = False):
-        super().__init__(model, device, params, batch_size, keep_reference=False)
+        super().__init__(model, device, params, batch_size, stock=False)
         self.pairs = encode_pairs(self.adapter, clips)
         if compiled:
             compile_denoiser(self.adapter.denoiser)
@@ -127,12 +147,13 @@ class PgdpoPath(_LoraPolicy):
 
 
 class BaselinePath(_LoraPolicy):
-    """Public-script step: encode both clips every step, separate reference copy, one 2B batch."""
+    """Public-script step: encode both clips every step, separate reference copy, one 2B batch,
+    diffusers' attention processor and peft's LoRA forward."""
 
     name = "baseline"
 
     def __init__(self, model: str, device: torch.device, params: Params, clips: ClipPairs, batch_size: int):
-        super().__init__(model, device, params, batch_size, keep_reference=True)
+        super().__init__(model, device, params, batch_size, stock=True)
         self.clips = clips
 
     def step(self, rows: np.ndarray, noise: torch.Tensor, sigmas: torch.Tensor) -> StepResult:

@@ -23,6 +23,7 @@ run train_step train_step --reps 20 --compile
 OMP_NUM_THREADS=2 run train_step_2_threads train_step --reps 20 --compile
 run generation generation --prompts 8 --reps 3 --compile
 OMP_NUM_THREADS=2 run generation_2_threads generation --prompts 8 --reps 3 --compile
+run lora_forward lora_forward
 run cpu_efficiency cpu_efficiency --reps 5
 run scaling scaling
 run pipeline_overhead pipeline_overhead

@@ -22,6 +22,9 @@ DEVICE_PATTERN = r"^(cpu|auto|cuda(:\d+)?)$"
 # Modes of torch.compile that `train.compile_mode` and `runtime.compile_sampling_mode` accept.
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
+# Forward forms of LoRA linear layers that `train.lora.forward` accepts (pgdpo.training.lora_forward).
+LoraForward = Literal["auto", "merged", "fused", "peft"]
+
 
 class ParamsError(ValueError):
     """Raised when params.yaml is missing, unreadable or fails validation."""
@@ -156,6 +159,9 @@ class LoraParams(Section):
     alpha: float = Field(8.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     targets: list[str] | None = Field(None, description="module names; null uses the family default")
+    forward: LoraForward = Field(
+        "auto", description="how LoRA linear layers compute: auto (merged up to 256x256 weights, else fused), merged, fused or peft"
+    )
 
 
 class TrainParams(Section):

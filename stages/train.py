@@ -81,7 +81,8 @@ def run(params: Params, tracker: Tracker) -> None:
     device = parallel.device(resolve_device(params.runtime.device))
     parallel.start(device)
     adapter = load_base(params, training=True, device=device)
-    add_lora(adapter, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, seed=cfg.seed)
+    add_lora(adapter, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, seed=cfg.seed,
+             forward=cfg.lora.forward)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(adapter.denoiser)
     if cfg.compile:

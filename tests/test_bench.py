@@ -122,6 +122,18 @@ def test_cpu_efficiency_smoke(tmp_path: Path):
     assert paths["baseline"]["flops_per_step"] > paths["pgdpo"]["flops_per_step"]
 
 
+def test_lora_forward_smoke(tmp_path: Path):
+    result = run_bench("lora_forward", tmp_path)
+    layers = result["layers"]
+    assert [(e["width"], e["rank"]) for e in layers] == [(32, 8), (64, 8)]
+    for entry in layers:
+        for form in ("peft", "fused", "merged"):
+            assert positive(entry["median_s"][form]), form
+        # Same function in every form: outputs within float32 rounding of peft's.
+        assert entry["max_rel_output_difference"]["fused"] < 1e-5
+        assert entry["max_rel_output_difference"]["merged"] < 1e-5
+
+
 def test_scaling_smoke(tmp_path: Path):
     result = run_bench("scaling", tmp_path)
     counts = result["prompt_counts"]

@@ -9,8 +9,10 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from pgdpo.config import LoraForward
 from pgdpo.io import canonicalise_safetensors_header
 from pgdpo.models.adapter import VideoModelAdapter
+from pgdpo.training.lora_forward import set_lora_forward
 
 logger = logging.getLogger(__name__)
 
@@ -18,11 +20,18 @@ ADAPTER_NAME = "default"
 
 
 def add_lora(
-    adapter: VideoModelAdapter, rank: int, alpha: float, dropout: float, targets: list[str] | None, seed: int
+    adapter: VideoModelAdapter,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    targets: list[str] | None,
+    seed: int,
+    forward: LoraForward = "auto",
 ) -> int:
     """Freeze the denoiser and add trainable LoRA layers; return the number of trainable parameters.
 
-    `targets` defaults to the family's `lora_targets`.
+    `targets` defaults to the family's `lora_targets`. `forward` picks how the LoRA linear layers
+    compute (`pgdpo.training.lora_forward`).
     """
     denoiser = adapter.denoiser
     denoiser.requires_grad_(False)
@@ -42,6 +51,7 @@ def add_lora(
     for parameter in denoiser.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
+    set_lora_forward(denoiser, forward)
     logger.info("LoRA rank %d on %s: %d trainable parameters", rank, config.target_modules, trainable)
     return trainable
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from pgdpo.models.adapter import VideoConstraints, VideoModelAdapter, flow_matching_inputs, shifted_logit_normal, to_uint8
+from pgdpo.models.families.wan_attention import use_rotary_processor
 
 
 class WanAdapter(VideoModelAdapter):
@@ -17,6 +18,10 @@ class WanAdapter(VideoModelAdapter):
     pipeline_class = "WanPipeline"
     # Attention projections of self- and cross-attention, the usual LoRA targets for Wan.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __init__(self, pipe, spec, device, dtype):
+        super().__init__(pipe, spec, device, dtype)
+        use_rotary_processor(self.denoiser)
 
     def video_constraints(self) -> VideoConstraints:
         # WanPipeline.check_inputs requires multiples of 16, and the transformer patchifies latents.
