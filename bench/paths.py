@@ -8,8 +8,8 @@ attention processor, and the reference pass with the adapters disabled, through
 `BaselinePath` follows the training loop of SalesforceAIResearch/DiffusionDPO `train.py`
 (commit 8d3ee5c): every step it VAE-encodes the chosen and rejected clips in one concatenated
 batch and runs the text encoder, and the reference is a separate frozen copy of the denoiser.
-It runs the model as diffusers and peft ship it: diffusers' attention processor and peft's LoRA
-forward. Unlike that script, which fine-tunes the whole UNet, its policy has the same LoRA
+It runs the model as diffusers and peft ship it: diffusers' attention processor and VAE norm, and
+peft's LoRA forward. Unlike that script, which fine-tunes the whole UNet, its policy has the same LoRA
 adapters as pgdpo's, so with the same batch, noise and noise levels both paths compute the same
 loss up to float32 rounding.
 NOTE: that script draws latents with `latent_dist.sample()`. This baseline takes the mode, like
@@ -30,6 +30,7 @@ from pgdpo.config import Params
 from pgdpo.losses import compute_loss
 from pgdpo.models.compile import compile_denoiser
 from pgdpo.models.families.wan_attention import use_rotary_processor
+from pgdpo.models.families.wan_vae import use_fast_vae_norm
 from pgdpo.training.lora import add_lora
 from pgdpo.training.trainer import PairData, TrainConfig, make_optimizer, preference_step
 
@@ -67,22 +68,24 @@ class StepResult:
 class _LoraPolicy:
     """A benchmark model with LoRA adapters and an AdamW optimizer over them."""
 
-    def __init__(self, model: str, device: torch.device, params: Params, batch_size: int, stock: bool):
+    def __init__(self, model: str, device: torch.device, params: Params, batch_size: int, keep_reference: bool,
+                 stock_kernels: bool):
         self.device = device
         self.adapter = load_model(model, device, seed=0)
         lora = params.train.lora
-        if stock:
+        if stock_kernels:
+            # The model as diffusers and peft ship it, with torch's default AdamW.
             use_rotary_processor(self.adapter.denoiser, enabled=False)
+            use_fast_vae_norm(self.adapter.pipe.vae, enabled=False)
         # The separate reference copy is taken before LoRA is added, as a frozen full model.
-        self.reference = copy.deepcopy(self.adapter.denoiser).requires_grad_(False).eval() if stock else None
+        self.reference = copy.deepcopy(self.adapter.denoiser).requires_grad_(False).eval() if keep_reference else None
         add_lora(self.adapter, lora.rank, lora.alpha, lora.dropout, lora.targets, seed=params.train.seed,
-                 forward="peft" if stock else lora.forward)
+                 forward="peft" if stock_kernels else lora.forward)
         self.cfg = train_config(params, batch_size)
         self.parameters = [p for p in self.adapter.denoiser.parameters() if p.requires_grad]
-        # pgdpo's trainer uses torch's fused AdamW. The public script uses the default one.
         self.optimizer = (
             torch.optim.AdamW(self.parameters, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-            if stock
+            if stock_kernels
             else make_optimizer(self.parameters, self.cfg)
         )
         self.adapter.denoiser.train()
@@ -125,13 +128,17 @@ class _LoraPolicy:
 
 
 class PgdpoPath(_LoraPolicy):
-    """pgdpo's step on cached latents, with the reference pass = adapters disabled."""
+    """pgdpo's step on cached latents, with the reference pass = adapters disabled.
+
+    With `stock_kernels`, the model runs as diffusers and peft ship it, as in the baseline. That
+    separates what caching and the shared reference save from what pgdpo's kernels save.
+    """
 
     name = "pgdpo"
 
     def __init__(self, model: str, device: torch.device, params: Params, clips: ClipPairs, batch_size: int,
-                 compiled: bool = False):
-        super().__init__(model, device, params, batch_size, stock=False)
+                 compiled: bool = False, stock_kernels: bool = False):
+        super().__init__(model, device, params, batch_size, keep_reference=False, stock_kernels=stock_kernels)
         self.pairs = encode_pairs(self.adapter, clips)
         if compiled:
             compile_denoiser(self.adapter.denoiser)
@@ -148,12 +155,12 @@ class PgdpoPath(_LoraPolicy):
 
 class BaselinePath(_LoraPolicy):
     """Public-script step: encode both clips every step, separate reference copy, one 2B batch,
-    diffusers' attention processor and peft's LoRA forward."""
+    the model as diffusers and peft ship it."""
 
     name = "baseline"
 
     def __init__(self, model: str, device: torch.device, params: Params, clips: ClipPairs, batch_size: int):
-        super().__init__(model, device, params, batch_size, stock=True)
+        super().__init__(model, device, params, batch_size, keep_reference=True, stock_kernels=True)
         self.clips = clips
 
     def step(self, rows: np.ndarray, noise: torch.Tensor, sigmas: torch.Tensor) -> StepResult:

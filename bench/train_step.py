@@ -154,12 +154,16 @@ def compare_steps(
 ) -> tuple[dict, PgdpoPath]:
     """Run the paths interleaved on identical inputs; return times, losses and the pgdpo path.
 
-    With `compiled`, a third path runs pgdpo's step with the denoiser under `torch.compile`
-    (`train.compile`); its warm-up steps hold the compilation and are reported separately.
+    A third path runs pgdpo's step on the model as diffusers and peft ship it
+    (`pgdpo_stock_kernels`), which tells what pgdpo's kernels add to caching and the shared
+    reference. With `compiled`, another path runs pgdpo's step with the denoiser under
+    `torch.compile` (`train.compile`); its warm-up steps hold the compilation and are reported
+    separately.
     """
     clips = render_pairs(sizes.num_pairs, MODELS[model].spec, seed=0)
     paths = {"baseline": BaselinePath(model, device, params, clips, sizes.batch_size),
-             "pgdpo": PgdpoPath(model, device, params, clips, sizes.batch_size)}
+             "pgdpo": PgdpoPath(model, device, params, clips, sizes.batch_size),
+             "pgdpo_stock_kernels": PgdpoPath(model, device, params, clips, sizes.batch_size, stock_kernels=True)}
     if compiled:
         paths["pgdpo_compiled"] = PgdpoPath(model, device, params, clips, sizes.batch_size, compiled=True)
     warmup_times: dict[str, list[float]] = {name: [] for name in paths}
@@ -204,6 +208,15 @@ def compare_steps(
         },
         "speedup_ratio_of_medians": statistics.median(times["baseline"]) / statistics.median(times["pgdpo"]),
         "speedup_median_of_rep_ratios": statistics.median(per_rep_ratio),
+        "kernels": {
+            "baseline_over_stock_kernels": statistics.median(times["baseline"])
+            / statistics.median(times["pgdpo_stock_kernels"]),
+            "stock_kernels_over_pgdpo": statistics.median(times["pgdpo_stock_kernels"])
+            / statistics.median(times["pgdpo"]),
+            "loss_max_abs_diff_vs_baseline": float(
+                np.abs(np.array(losses["pgdpo_stock_kernels"]) - loss_w).max()
+            ),
+        },
         "losses": {name: values for name, values in losses.items()},
         "loss_max_abs_diff": float(abs_diff.max()),
         "loss_max_rel_diff": float((abs_diff / np.maximum(np.abs(loss_p), 1e-12)).max()),
@@ -360,6 +373,15 @@ def build_tables(results: dict) -> dict[str, str]:
             diagnostic_rows.append([model, name, cost["seconds_per_call"] * 1000, cost["every_steps"],
                                     100 * cost["share_of_step"]])
     tables = {}
+    kernel_rows = [
+        [model, entry["steps"]["times"]["pgdpo_stock_kernels"]["median_s"] * 1000, k["baseline_over_stock_kernels"],
+         k["stock_kernels_over_pgdpo"], k["loss_max_abs_diff_vs_baseline"]]
+        for model, entry in results["models"].items()
+        if (k := entry["steps"].get("kernels"))
+    ]
+    tables["pgdpo step with diffusers' and peft's kernels (ratios against the median steps above)"] = format_table(
+        ["model", "stock-kernel pgdpo ms", "baseline / stock-kernel pgdpo", "stock-kernel pgdpo / pgdpo",
+         "max abs loss diff vs baseline"], kernel_rows)
     compiled_rows = [
         [model, entry["steps"]["times"]["pgdpo_compiled"]["median_s"] * 1000, c["speedup_over_baseline"],
          c["speedup_over_eager_pgdpo"], c["compile_s"], c["break_even_steps_vs_eager_pgdpo"], c["loss_max_rel_diff"]]

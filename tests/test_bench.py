@@ -74,6 +74,11 @@ def test_train_step_smoke(tmp_path: Path):
     assert steps["loss_max_abs_diff"] <= steps["loss_tolerance"]["atol"] + steps["loss_tolerance"]["rtol"]
     assert all(math.isfinite(loss) for loss in steps["losses"]["pgdpo"])
     assert positive(steps["speedup_ratio_of_medians"])
+    # The stock-kernel pgdpo path runs the baseline's kernels: its loss is the baseline's up to rounding.
+    kernels = steps["kernels"]
+    assert positive(kernels["baseline_over_stock_kernels"])
+    assert positive(kernels["stock_kernels_over_pgdpo"])
+    assert kernels["loss_max_abs_diff_vs_baseline"] <= steps["loss_tolerance"]["atol"]
 
     model_bytes = {path: entry["memory"][path]["model_bytes"] for path in ("baseline", "pgdpo")}
     assert "reference_copy" in model_bytes["baseline"]

@@ -9,6 +9,7 @@ import torch
 
 from pgdpo.models.adapter import VideoConstraints, VideoModelAdapter, flow_matching_inputs, shifted_logit_normal, to_uint8
 from pgdpo.models.families.wan_attention import use_rotary_processor
+from pgdpo.models.families.wan_vae import use_fast_vae_norm
 
 
 class WanAdapter(VideoModelAdapter):
@@ -22,6 +23,8 @@ class WanAdapter(VideoModelAdapter):
     def __init__(self, pipe, spec, device, dtype):
         super().__init__(pipe, spec, device, dtype)
         use_rotary_processor(self.denoiser)
+        if getattr(pipe, "vae", None) is not None:
+            use_fast_vae_norm(pipe.vae)
 
     def video_constraints(self) -> VideoConstraints:
         # WanPipeline.check_inputs requires multiples of 16, and the transformer patchifies latents.
