@@ -190,8 +190,8 @@ def compare_steps(
             else:
                 warmup_times[name].append(watch.seconds)
         # The paths round differently (peft's LoRA forward against pgdpo's), so their weights would
-        # drift apart step by step. Starting each step from the baseline's weights keeps the check
-        # to what the issue asks: the same loss on the same batch.
+        # drift apart step by step. Starting each step from the baseline's weights makes each
+        # check compare the losses of the same weights on the same batch.
         for name in paths:
             paths[name].copy_lora_from(paths["baseline"])
 

@@ -8,10 +8,10 @@ Two steps of diffusers' `WanAttnProcessor` cost more than their arithmetic on CP
 - The RMS norm of queries and keys has a backward pass that autograd builds from about ten
   element-wise steps on CPU. `rms_norm` computes the same gradient in four.
 
-Together with `train.lora.forward` they shorten the shapes-world base's eager training step by a
-fifth (BENCHMARKS.md, "Training step"). The terms are the same as diffusers', computed in the
-same dtype, so the outputs agree to float32 rounding. `tests/test_wan_attention.py` compares
-both processors on a real Wan transformer.
+With `train.lora.forward` and fused AdamW they shorten the shapes-world base's eager training
+step by about a quarter (BENCHMARKS.md, "Training step"). The terms are the same as diffusers',
+computed in the same dtype, so the outputs agree to float32 rounding.
+`tests/test_wan_attention.py` compares both processors on a real Wan transformer.
 """
 
 from __future__ import annotations

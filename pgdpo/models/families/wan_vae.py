@@ -2,7 +2,7 @@
 
 diffusers' `WanRMS_norm` calls `F.normalize` over the channel dimension of (B, C, T, H, W)
 tensors. On CPU that reduction runs as `linalg_vector_norm` across a strided dimension and took
-40% of a batched tiny Wan VAE decode. A sum of squares over the same dimension gives the same
+40% of a batched tiny Wan VAE decode with two threads. A sum of squares over the same dimension gives the same
 norm about five times faster, and the affine part then takes one pass instead of three. The
 result moves by float32 rounding (about 1e-7 relative). `tests/test_wan_vae.py` compares both
 norms and a whole VAE decode.
