@@ -5,8 +5,8 @@ Two steps of diffusers' `WanAttnProcessor` cost more than their arithmetic on CP
 - The rotary embedding rotates queries and keys with four multiplications, two additions and
   two strided writes per tensor. Read as complex numbers, each pair of channels turns by one
   complex product, which reads and writes the tensor once (`apply_rotary`).
-- The RMS norm of queries and keys has a backward pass that autograd builds from about ten
-  element-wise steps on CPU. `rms_norm` computes the same gradient in four.
+- The RMS norm of queries and keys gets its backward pass from autograd as a chain of
+  element-wise steps on CPU. `rms_norm` computes the same gradient with fewer passes.
 
 With `train.lora.forward` and fused AdamW they shorten the shapes-world base's eager training
 step by about a quarter (BENCHMARKS.md, "Training step"). The terms are the same as diffusers',
