@@ -100,7 +100,10 @@ def _encode(temp_path: Path, frames: np.ndarray, fps: int, crf: int) -> None:
         }
 
         for index, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            # Converted here rather than by the encoder: with the encoder's own conversion, 1 of
+            # 300 writes of the same clip under CPU load gave different bytes, and 0 of 1,500
+            # with this one (PyAV 18.1, libx264 core 165). The cause inside PyAV was not traced.
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
             frame.pts = index
             frame.time_base = stream.time_base
             container.mux(stream.encode(frame))
