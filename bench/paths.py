@@ -2,16 +2,16 @@
 
 `PgdpoPath` is pgdpo's own step: cached latents and prompt embeddings (as the `label` stage
 writes them), LoRA on the denoiser in the form `train.lora.forward` picks, Wan's rotary
-attention processor, and the reference pass with the adapters disabled, through
-`pgdpo.training.trainer.preference_step`.
+attention processor, torch's fused AdamW, and the reference pass with the adapters disabled,
+through `pgdpo.training.trainer.preference_step`.
 
 `BaselinePath` follows the training loop of SalesforceAIResearch/DiffusionDPO `train.py`
 (commit 8d3ee5c): every step it VAE-encodes the chosen and rejected clips in one concatenated
 batch and runs the text encoder, and the reference is a separate frozen copy of the denoiser.
-It runs the model as diffusers and peft ship it: diffusers' attention processor and VAE norm, and
-peft's LoRA forward. Unlike that script, which fine-tunes the whole UNet, its policy has the same LoRA
-adapters as pgdpo's, so with the same batch, noise and noise levels both paths compute the same
-loss up to float32 rounding.
+It runs the model as diffusers and peft ship it: diffusers' attention processor and VAE norm,
+peft's LoRA forward and torch's default AdamW. Unlike that script, which fine-tunes the whole
+UNet, its policy has the same LoRA adapters as pgdpo's, so with the same batch, noise and noise
+levels both paths compute the same loss up to float32 rounding.
 NOTE: that script draws latents with `latent_dist.sample()`. This baseline takes the mode, like
 `WanAdapter.encode_videos`, so the two losses can be compared exactly.
 """

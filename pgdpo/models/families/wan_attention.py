@@ -61,8 +61,8 @@ class _RmsNormFunction(torch.autograd.Function):
 def rms_norm(norm: torch.nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """Apply `norm` to `x`, through `_RmsNormFunction` where its backward pass is the faster one.
 
-    That is float32 on CPU with a gradient to `x` and a frozen weight. Elsewhere (CUDA, where
-    torch fuses RMS norm, inference, trainable norms) the module runs as it is.
+    That is float32 on CPU with a gradient to `x` and a frozen weight. Elsewhere (other devices
+    and dtypes, inference, trainable norms) the module runs as it is.
     """
     weight = norm.weight
     if (
