@@ -7,10 +7,15 @@ no-op run). Each stage tags its MLflow run with the times at which its computati
 ended (`pgdpo.stage`), and the stages' own time is read from those tags. The rest is overhead:
 DVC's hashing and locking, Prefect, process start, imports, params validation, and waiting for
 the MLflow tracking worker (`pgdpo.tracking_worker`) at the end of a stage.
+With `--stage-server on`, the stages and their tracking workers run in processes forked from a
+stage server (`pgdpo/stage_server.py`) that has imported torch, diffusers and mlflow once: the
+dvc runner runs `python -m pgdpo.stage_server dvc repro`, and the prefect runner uses the flow's
+default (a server when more than one stage runs). The default is `off` for dvc and `on` for
+prefect, each runner as a user starts it.
 NOTE: the tracking worker opens the run and logs while the stage computes, on another core. On a
 machine with one core, that work slows the stage instead and counts as stage time here.
 
-    python -m bench.pipeline_overhead [--small] [--runner dvc|prefect] [--out results.json]
+    python -m bench.pipeline_overhead [--small] [--runner dvc|prefect] [--stage-server on|off] [--out results.json]
 """
 
 from __future__ import annotations
@@ -55,9 +60,15 @@ def param_overrides(mode: str) -> dict:
     return {section: defaults[section] for section in SMALL_PARAMS if section in defaults}
 
 
-def run_pipeline(project: Path, runner: str, log_file: Path) -> float:
+def pipeline_command(runner: str, stage_server: bool) -> list[str]:
+    if runner == "prefect":
+        return [sys.executable, "-m", "flows.pipeline", *([] if stage_server else ["--no-stage-server"])]
+    command = [sys.executable, "-m", "dvc", "repro"]
+    return [sys.executable, "-m", "pgdpo.stage_server", *command] if stage_server else command
+
+
+def run_pipeline(project: Path, command: list[str], log_file: Path) -> float:
     """Run the whole pipeline in `project` and return its wall time in seconds."""
-    command = [sys.executable, "-m", "dvc", "repro"] if runner == "dvc" else [sys.executable, "-m", "flows.pipeline"]
     logger.info("running %s in %s (output in %s)", " ".join(command), project, log_file)
     started = time.perf_counter()
     with open(log_file, "w") as log:
@@ -100,6 +111,23 @@ WAIT_SOURCES = {"logged": "as each stage logged it", "estimate": "estimate: roun
 
 # The line `WorkerTracker.close` logs in each stage process when its tracking worker is done.
 WORKER_DONE = re.compile(r"MLflow tracking worker of stage (\S+) done ([0-9.]+) s after the stage")
+# The stage server's lines: its imports, each process it forks, each command it refuses.
+SERVER_READY = re.compile(r"stage server: \d+ modules imported in ([0-9.]+) s")
+SERVER_FORK = re.compile(r"stage server: process \d+ runs `python -m ([^\s`]+)")
+SERVER_REFUSAL = "did not run `python -m"
+
+
+def server_summary(log_file: Path) -> dict:
+    """Count what the stage server did in a run, from its lines in `log_file`."""
+    text = log_file.read_text()
+    ready = [float(seconds) for seconds in SERVER_READY.findall(text)]
+    forks = SERVER_FORK.findall(text)
+    return {
+        "imports_s": ready,
+        "forked_stages": sum(module == "stages" for module in forks),
+        "forked_tracking_workers": sum(module == "pgdpo.tracking_worker" for module in forks),
+        "commands_run_alone": text.count(SERVER_REFUSAL) + text.count("is unreachable"),
+    }
 
 
 def time_command(command: list[str], project: Path) -> float:
@@ -133,14 +161,15 @@ def overhead_breakdown(project: Path, stages: list[str]) -> dict:
     return {"interpreter_s": interpreter, "imports_s": imports, "worker_round_trip_s": worker}
 
 
-def measure(mode: str, runner: str, root: Path, breakdown: bool) -> dict:
+def measure(mode: str, runner: str, stage_server: bool, root: Path, breakdown: bool) -> dict:
     project = make_project(root / "project", param_overrides(mode))
+    command = pipeline_command(runner, stage_server)
     started_at = time.time()
-    total = run_pipeline(project, runner, root / "repro.log")
+    total = run_pipeline(project, command, root / "repro.log")
     runs = stage_runs(project)
     if not runs:
         raise RuntimeError(f"no MLflow stage runs found in {project / 'mlflow.db'}; did the stages log to it?")
-    noop = run_pipeline(project, runner, root / "noop.log")
+    noop = run_pipeline(project, command, root / "noop.log")
     noop_runs = len(stage_runs(project)) - len(runs)
 
     stage_seconds = sum(run["end"] - run["start"] for run in runs)
@@ -151,7 +180,9 @@ def measure(mode: str, runner: str, root: Path, breakdown: bool) -> dict:
         previous_end = run["end"]
     overhead = total - stage_seconds
     parts = {}
-    if breakdown:
+    # With a stage server the stages import nothing in their own processes, so the breakdown
+    # by fresh-process imports does not apply; the server's own counts replace it.
+    if breakdown and not stage_server:
         parts = overhead_breakdown(project, [run["stage"] for run in runs])
         imports = sum(parts["imports_s"].values())
         # A stage waits for its worker only for the part of the round trip its computation did not cover.
@@ -165,6 +196,9 @@ def measure(mode: str, runner: str, root: Path, breakdown: bool) -> dict:
     return {
         "params": mode,
         "runner": runner,
+        "stage_server": stage_server,
+        "command": " ".join(["python", *command[1:]]),
+        "server": server_summary(root / "repro.log") if stage_server else {},
         "total_s": total,
         "stage_sum_s": stage_seconds,
         "overhead_s": overhead,
@@ -188,6 +222,8 @@ def main() -> None:
         parser.add_argument("--small", action="store_true", help="use the tests' reduced params (pgdpo/testing.py)")
         parser.add_argument("--runner", choices=["dvc", "prefect"], default="dvc",
                             help="dvc: `dvc repro`; prefect: `python -m flows.pipeline` (dvc repro per stage)")
+        parser.add_argument("--stage-server", choices=["on", "off"], default=None,
+                            help="fork the stages from a stage server (default: off for dvc, on for prefect)")
         parser.add_argument("--keep", type=Path, default=None, help="run in this folder and keep it (default: a temp folder)")
 
     args = parse_args(__doc__.splitlines()[0], options)
@@ -198,27 +234,34 @@ def main() -> None:
         mode = "small"
     if args.smoke:
         mode = "smoke"
+    stage_server = (args.stage_server or ("on" if args.runner == "prefect" else "off")) == "on"
     result = result_header("pipeline_overhead", args)
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=False)
-        entry = measure(mode, args.runner, args.keep, breakdown=not args.smoke)
+        entry = measure(mode, args.runner, stage_server, args.keep, breakdown=not args.smoke)
     else:
         with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as folder:
-            entry = measure(mode, args.runner, Path(folder), breakdown=not args.smoke)
+            entry = measure(mode, args.runner, stage_server, Path(folder), breakdown=not args.smoke)
     result.update(entry)
 
     stage_rows = [[row["stage"], row["seconds"], row["gap_before_s"]] for row in entry["stages"]]
     summary_rows = [[
-        mode, args.runner, entry["total_s"], entry["stage_sum_s"], entry["overhead_s"], 100 * entry["overhead_fraction"],
+        mode, args.runner, "on" if stage_server else "off", entry["total_s"], entry["stage_sum_s"], entry["overhead_s"], 100 * entry["overhead_fraction"],
         "yes" if entry["overhead_met"] else "no", entry["noop_s"], "yes" if entry["noop_met"] else "no",
     ]]
     tables = {
         "Pipeline overhead": format_table(
-            ["params", "runner", "total s", "stages s", "overhead s", "overhead %", "< 10%", "no-op s", "no-op < 15 s"],
+            ["params", "runner", "stage server", "total s", "stages s", "overhead s", "overhead %", "< 10%", "no-op s", "no-op < 15 s"],
             summary_rows),
         "Stages (computation times tagged on the MLflow runs; gap = time since the previous stage ended)": format_table(
             ["stage", "seconds", "gap before s"], stage_rows),
     }
+    server = entry["server"]
+    if server:
+        tables["Stage server (from its lines in the log)"] = format_table(
+            ["imports s", "forked stages", "forked tracking workers", "commands run in their own process"],
+            [[", ".join(f"{seconds:.1f}" for seconds in server["imports_s"]), server["forked_stages"],
+              server["forked_tracking_workers"], server["commands_run_alone"]]])
     parts = entry["breakdown"]
     if parts:
         tables["Overhead breakdown (imports and the round trip timed in fresh processes)"] = format_table(

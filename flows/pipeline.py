@@ -6,6 +6,10 @@ parent run and passes its id to every stage through `PGDPO_PARENT_RUN_ID`. One `
 at the start skips the leading stages that are up to date, so a run with nothing to do takes
 seconds.
 
+When more than one stage runs, the stages run in processes forked from a stage server
+(`pgdpo/stage_server.py`), which imports torch, diffusers and mlflow once for all of them;
+`--no-stage-server` turns it off.
+
 Every stage task has a timeout (`DEFAULT_TIMEOUTS_S`, overridden per stage by the flow parameter
 `stage_timeouts`); a stage that runs past it is stopped with its whole process group and is not
 retried. At the end the flow publishes two Prefect artifacts: `pipeline-report` (reports/eval.md
@@ -25,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -32,6 +37,7 @@ from prefect import flow, get_run_logger, task
 from pgdpo.config import ParamsError, load_params
 from pgdpo.process import freeze_before_exit
 from pgdpo.stage import EXIT_INVALID_PARAMS
+from pgdpo.stage_server import stage_server
 from pgdpo.suites import check_prompt_files
 
 PROGRESS_INTERVAL_S = 15.0
@@ -87,12 +93,9 @@ def run_stage(stage: str, project_dir: str, env: dict[str, str]) -> None:
     logger = get_run_logger()
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     logger.info("running %s in %s", " ".join(command), project_dir)
-    # DVC runs each stage's `python -m stages <name>` through the shell, so this interpreter's
-    # folder goes first on PATH for the stage to use the same environment as the flow.
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     # A new session gives DVC and the stage it starts one process group, so a timeout stops both.
     process = subprocess.Popen(
-        command, cwd=project_dir, env={**os.environ, **env, "PATH": path}, stdout=subprocess.PIPE,
+        command, cwd=project_dir, env=stage_environment(env), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
     )
     tail: list[str] = []
@@ -118,6 +121,16 @@ def run_stage(stage: str, project_dir: str, env: dict[str, str]) -> None:
             stop_process_group(process)
     if returncode != 0:
         raise StageFailed(stage, stage_exit_code(tail, returncode), "\n".join(tail))
+
+
+def stage_environment(env: dict[str, str]) -> dict[str, str]:
+    """Return the environment of `dvc repro` and its stages: this process's, `env`, and PATH.
+
+    DVC runs each stage's `python -m stages <name>` through the shell, so this interpreter's
+    folder goes first on PATH for the stage to use the same environment as the flow.
+    """
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, **env, "PATH": path}
 
 
 def stage_exit_code(output_tail: list[str], dvc_returncode: int) -> int:
@@ -253,7 +266,10 @@ def close_parent_run(project_dir: str, run_id: str, status: str) -> None:
 
 @flow(name="pgdpo-pipeline", log_prints=False)
 def pipeline(
-    project_dir: str = ".", stages: list[str] | None = None, stage_timeouts: dict[str, float] | None = None
+    project_dir: str = ".",
+    stages: list[str] | None = None,
+    stage_timeouts: dict[str, float] | None = None,
+    use_stage_server: bool | None = None,
 ) -> str | None:
     """Run the DVC stages in order (all by default) under one MLflow parent run; return its id.
 
@@ -265,6 +281,11 @@ def pipeline(
         project_dir: the DVC project root.
         stages: stage names to run, in order; None runs STAGES.
         stage_timeouts: seconds per stage name, replacing DEFAULT_TIMEOUTS_S for those stages.
+        use_stage_server: run the stages in processes forked from a stage server that has
+            imported torch, diffusers and mlflow once (`pgdpo/stage_server.py`). None (the
+            default) does so when more than one stage runs: the server imports what every
+            stage needs, which costs one stage alone more than it saves. False starts each
+            stage as a new process.
     """
     project = str(Path(project_dir).resolve())
     params = load_params(Path(project) / "params.yaml")
@@ -286,12 +307,15 @@ def pipeline(
         logger.info("every selected stage is up to date, so the flow opens no MLflow run and publishes no artifacts")
         return None
 
+    if use_stage_server is None:
+        use_stage_server = len(to_run) > 1
     parent = open_parent_run(project, experiment)
     env = {"PGDPO_PARENT_RUN_ID": parent}
     status = "FAILED"
     try:
-        for stage in to_run:
-            run_stage.with_options(timeout_seconds=timeouts[stage])(stage, project, env)
+        with stage_server(project, stage_environment(env)) if use_stage_server else nullcontext({}) as server:
+            for stage in to_run:
+                run_stage.with_options(timeout_seconds=timeouts[stage])(stage, project, {**env, **server})
         status = "FINISHED"
     finally:
         close_parent_run(project, parent, status)
@@ -306,9 +330,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run the DVC pipeline stage by stage as a Prefect flow.")
     parser.add_argument("--project-dir", default=".", help="DVC project root (default: the current folder)")
     parser.add_argument("--stages", nargs="+", default=None, metavar="STAGE", help=f"stages to run, in order (default: {' '.join(STAGES)})")
+    parser.add_argument("--no-stage-server", action="store_true",
+                        help="start each stage as a new process instead of forking it from a stage server")
     args = parser.parse_args()
     try:
-        pipeline(project_dir=args.project_dir, stages=args.stages)
+        pipeline(project_dir=args.project_dir, stages=args.stages, use_stage_server=False if args.no_stage_server else None)
     finally:
         freeze_before_exit()
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from pgdpo.logs import setup_logging
 from pgdpo.process import freeze_before_exit
+from pgdpo.stage_server import hand_over
 from pgdpo.tracking import Tracker, stage_run, tracking_uri
 
 logger = logging.getLogger(__name__)
@@ -247,6 +248,7 @@ def import_ahead() -> None:
 
 
 def main() -> None:
+    hand_over("pgdpo.tracking_worker")
     setup_logging()
     import_ahead()
     # The result line goes to the real stdout, and whatever libraries print goes to stderr instead.

@@ -3,6 +3,9 @@
 The stage's MLflow tracking worker starts first, so it imports MLflow while this process imports
 torch and diffusers for the stage (BENCHMARKS.md, "Pipeline overhead"). `python -m stages.NAME`
 runs the same stage and starts the worker after the imports.
+
+With a stage server running (PGDPO_STAGE_SERVER, `pgdpo/stage_server.py`), the stage runs in a
+process forked from the server, which has imported those libraries already.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from pgdpo.tracking_worker import start_early
+from pgdpo.stage_server import hand_over
 
 
 def stage_names() -> list[str]:
@@ -20,6 +23,9 @@ def stage_names() -> list[str]:
 
 
 def main() -> None:
+    hand_over("stages")
+    from pgdpo.tracking_worker import start_early
+
     names = stage_names()
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         argument = repr(sys.argv[1]) if len(sys.argv) > 1 else "no stage"

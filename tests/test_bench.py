@@ -157,8 +157,9 @@ def test_scaling_smoke(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_pipeline_overhead_smoke(tmp_path: Path):
-    result = run_bench("pipeline_overhead", tmp_path, timeout=1800)
+@pytest.mark.parametrize("stage_server", ["off", "on"])
+def test_pipeline_overhead_smoke(tmp_path: Path, stage_server: str):
+    result = run_bench("pipeline_overhead", tmp_path, "--stage-server", stage_server, timeout=1800)
     stages = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
     # DVC runs the stages in a topological order, which need not be the file order.
     assert sorted(row["stage"] for row in result["stages"]) == sorted(stages)
@@ -167,6 +168,10 @@ def test_pipeline_overhead_smoke(tmp_path: Path):
     assert 0 < result["overhead_fraction"] < 1
     assert positive(result["noop_s"])
     assert result["noop_stage_runs"] == 0
+    if stage_server == "on":
+        assert result["server"]["forked_stages"] == len(stages)
+        assert result["server"]["forked_tracking_workers"] == len(stages)
+        assert result["server"]["commands_run_alone"] == 0
 
 
 def test_overhead_parses_worker_waits(tmp_path, monkeypatch, caplog):

@@ -88,7 +88,9 @@ def test_failing_stage_fails_flow_with_its_error(harness, tmp_path, monkeypatch,
     assert "evaluate_base |" in caplog.text
 
 
-def test_invalid_params_in_stage_not_retried(harness, tmp_path, monkeypatch, caplog):
+# With the server, the stage's exit code reaches DVC through the command that handed it over.
+@pytest.mark.parametrize("use_stage_server", [None, True], ids=["alone", "stage_server"])
+def test_invalid_params_in_stage_not_retried(harness, tmp_path, monkeypatch, caplog, capfd, use_stage_server):
     project = make_project(tmp_path, {"prompts": {"train_file": "data/prompt_files/train.txt"}})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     # The schema accepts the file; the stage itself finds the eval prompt in it and exits 78.
@@ -96,10 +98,13 @@ def test_invalid_params_in_stage_not_retried(harness, tmp_path, monkeypatch, cap
     (project / "data/prompt_files/train.txt").write_text(f"a cat walking\n{held_out}\n", encoding="utf-8")
 
     with pytest.raises(StageFailed) as failure:
-        pipeline(str(project), stages=["prompts"])
+        pipeline(str(project), stages=["prompts"], use_stage_server=use_stage_server)
 
     assert failure.value.returncode == EXIT_INVALID_PARAMS
     assert caplog.text.count("running ") == 1
+    # The server logs each process it forks to its stderr, which is this process's.
+    forked = "runs `python -m stages prompts`" in capfd.readouterr().err
+    assert forked == bool(use_stage_server)
 
 
 def test_stage_exit_code_from_dvc_output():
@@ -108,12 +113,13 @@ def test_stage_exit_code_from_dvc_output():
     assert stage_exit_code(["ERROR: lock file is busy"], 255) == 255
 
 
-def test_stage_timeout_stops_stage(harness, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("use_stage_server", [None, True], ids=["alone", "stage_server"])
+def test_stage_timeout_stops_stage(harness, tmp_path, monkeypatch, caplog, use_stage_server):
     project = make_project(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
 
     with pytest.raises(TimeoutError):
-        pipeline(str(project), stages=["prompts"], stage_timeouts={"prompts": 1.0})
+        pipeline(str(project), stages=["prompts"], stage_timeouts={"prompts": 1.0}, use_stage_server=use_stage_server)
 
     assert "stopping stage prompts" in caplog.text
     assert not (project / "data/prompts/train.txt").exists()
