@@ -111,7 +111,7 @@ WAIT_SOURCES = {"logged": "as each stage logged it", "estimate": "estimate: roun
 
 # The line `WorkerTracker.close` logs in each stage process when its tracking worker is done.
 WORKER_DONE = re.compile(r"MLflow tracking worker of stage (\S+) done ([0-9.]+) s after the stage")
-# The stage server's lines: its imports, each process it forks, each command it refuses.
+# The stage server's lines: its imports, each process it forks, each command it rejects.
 SERVER_READY = re.compile(r"stage server: \d+ modules imported in ([0-9.]+) s")
 SERVER_FORK = re.compile(r"stage server: process \d+ runs `python -m ([^\s`]+)")
 SERVER_REFUSAL = "did not run `python -m"
@@ -215,6 +215,15 @@ def measure(mode: str, runner: str, stage_server: bool, root: Path, breakdown: b
     }
 
 
+def run_measure(mode: str, runner: str, stage_server: bool, keep: Path | None, breakdown: bool) -> dict:
+    """`measure` in `keep` (kept afterwards) or in a temporary folder."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=False)
+        return measure(mode, runner, stage_server, keep, breakdown)
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as folder:
+        return measure(mode, runner, stage_server, Path(folder), breakdown)
+
+
 def main() -> None:
     setup_logging()
 
@@ -222,8 +231,9 @@ def main() -> None:
         parser.add_argument("--small", action="store_true", help="use the tests' reduced params (pgdpo/testing.py)")
         parser.add_argument("--runner", choices=["dvc", "prefect"], default="dvc",
                             help="dvc: `dvc repro`; prefect: `python -m flows.pipeline` (dvc repro per stage)")
-        parser.add_argument("--stage-server", choices=["on", "off"], default=None,
-                            help="fork the stages from a stage server (default: off for dvc, on for prefect)")
+        parser.add_argument("--stage-server", choices=["on", "off", "both"], default=None,
+                            help="fork the stages from a stage server (default: off for dvc, on for prefect); "
+                                 "both: one pipeline run without, then one with")
         parser.add_argument("--keep", type=Path, default=None, help="run in this folder and keep it (default: a temp folder)")
 
     args = parse_args(__doc__.splitlines()[0], options)
@@ -234,37 +244,55 @@ def main() -> None:
         mode = "small"
     if args.smoke:
         mode = "smoke"
-    stage_server = (args.stage_server or ("on" if args.runner == "prefect" else "off")) == "on"
-    result = result_header("pipeline_overhead", args)
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=False)
-        entry = measure(mode, args.runner, stage_server, args.keep, breakdown=not args.smoke)
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as folder:
-            entry = measure(mode, args.runner, stage_server, Path(folder), breakdown=not args.smoke)
-    result.update(entry)
+    choice = args.stage_server or ("on" if args.runner == "prefect" else "off")
+    servers = {"off": [False], "on": [True], "both": [False, True]}[choice]
 
-    stage_rows = [[row["stage"], row["seconds"], row["gap_before_s"]] for row in entry["stages"]]
-    summary_rows = [[
-        mode, args.runner, "on" if stage_server else "off", entry["total_s"], entry["stage_sum_s"], entry["overhead_s"], 100 * entry["overhead_fraction"],
-        "yes" if entry["overhead_met"] else "no", entry["noop_s"], "yes" if entry["noop_met"] else "no",
-    ]]
+    result = result_header("pipeline_overhead", args)
+    entries = []
+    for stage_server in servers:
+        keep = None if args.keep is None else args.keep / ("stage-server" if stage_server else "new-processes")
+        entries.append(run_measure(mode, args.runner, stage_server, keep, breakdown=not args.smoke))
+    # The last run's numbers are the result's own fields; with `both`, the first run goes under
+    # `without_stage_server`, beside the ratio of the two overheads.
+    result.update(entries[-1])
+    if len(entries) == 2:
+        before, after = entries
+        result["without_stage_server"] = before
+        result["overhead_ratio_without_to_with"] = before["overhead_s"] / after["overhead_s"]
+        result["total_ratio_without_to_with"] = before["total_s"] / after["total_s"]
+
+    summary_rows = [
+        [mode, args.runner, "on" if entry["stage_server"] else "off", entry["total_s"], entry["stage_sum_s"],
+         entry["overhead_s"], 100 * entry["overhead_fraction"], "yes" if entry["overhead_met"] else "no",
+         entry["noop_s"], "yes" if entry["noop_met"] else "no"]
+        for entry in entries
+    ]
+    stage_rows = [
+        [row["stage"], *(value for entry in entries for value in stage_times(entry, row["stage"]))]
+        for row in entries[-1]["stages"]
+    ]
+    stage_headers = [header for entry in entries for header in (
+        f"{'with' if entry['stage_server'] else 'without'} server: seconds", "gap before s")]
     tables = {
         "Pipeline overhead": format_table(
             ["params", "runner", "stage server", "total s", "stages s", "overhead s", "overhead %", "< 10%", "no-op s", "no-op < 15 s"],
             summary_rows),
         "Stages (computation times tagged on the MLflow runs; gap = time since the previous stage ended)": format_table(
-            ["stage", "seconds", "gap before s"], stage_rows),
+            ["stage", *stage_headers], stage_rows),
     }
-    server = entry["server"]
+    if len(entries) == 2:
+        tables["Stage server"] = format_table(
+            ["overhead without / with", "total without / with"],
+            [[result["overhead_ratio_without_to_with"], result["total_ratio_without_to_with"]]])
+    server = entries[-1]["server"]
     if server:
         tables["Stage server (from its lines in the log)"] = format_table(
             ["imports s", "forked stages", "forked tracking workers", "commands run in their own process"],
             [[", ".join(f"{seconds:.1f}" for seconds in server["imports_s"]), server["forked_stages"],
               server["forked_tracking_workers"], server["commands_run_alone"]]])
-    parts = entry["breakdown"]
+    parts = entries[0]["breakdown"]
     if parts:
-        tables["Overhead breakdown (imports and the round trip timed in fresh processes)"] = format_table(
+        tables["Overhead breakdown without the server (imports and the round trip timed in fresh processes)"] = format_table(
             ["part", "seconds"],
             [["interpreter start (one process)", parts["interpreter_s"]],
              ["stage imports, all stages (incl. interpreter start)", parts["imports_total_s"]],
@@ -273,6 +301,11 @@ def main() -> None:
               parts["worker_wait_s"]],
              ["DVC, process exits and the rest (overhead minus the above)", parts["dvc_and_other_s"]]])
     finish(result, tables, args.out)
+
+
+def stage_times(entry: dict, stage: str) -> tuple[float, float]:
+    row = next(row for row in entry["stages"] if row["stage"] == stage)
+    return row["seconds"], row["gap_before_s"]
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ A command finds the server through PGDPO_STAGE_SERVER, the path of the server's 
 `python -m stages NAME` sends its module, arguments, working folder, environment and its stdin,
 stdout and stderr (as file descriptors) to the server. It then forwards SIGINT, SIGTERM and
 SIGHUP to the forked process and exits with that process's exit status. When the variable is
-unset, or the server is gone or refuses, the command runs in its own process as before.
+unset, or the server is gone or rejects it, the command runs in its own process as before.
 
 The Prefect flow starts a server when it runs more than one stage (flow parameter
 `use_stage_server`). Around any other command, for example plain DVC:
@@ -21,7 +21,7 @@ What keeps a forked process equal to a new one:
 - The server imports every stage module, then drops pgdpo's and the stages' own modules from
   `sys.modules`. Each fork imports the project's code again from its working folder, so an edit
   made during a run is picked up as a new process would pick it up. Only third-party modules stay.
-- The server refuses a request whose Python executable, interpreter flags or environment differ
+- The server rejects a request whose Python executable, interpreter flags or environment differ
   from its own, except for variables read at run time (`DVC_*`, `PGDPO_*` and shell bookkeeping,
   RUNTIME_VARIABLES). A different OMP_NUM_THREADS, PYTHONPATH or torchrun rank therefore runs
   the command in its own process. Variables that the imports set (torch sets
@@ -73,6 +73,10 @@ FORK_ENV = "PGDPO_STAGE_SERVER_FORK"
 # Top-level packages of this repository: the server never keeps them imported.
 OWN_PACKAGES = ("pgdpo", "stages", "flows", "bench", "tests")
 
+# Third-party modules that the stages import inside functions, so importing `stages.*` misses
+# them (open_clip takes about 2 s, for the reward model and the CLIP scorers).
+LAZY_IMPORTS = ("open_clip",)
+
 # Environment variables that may differ between the server and a request: read at run time.
 RUNTIME_PREFIXES = ("DVC_", "PGDPO_")
 RUNTIME_VARIABLES = ("SHLVL", "PWD", "OLDPWD", "_")
@@ -85,7 +89,7 @@ REQUEST_TIMEOUT_S = 10.0
 
 @dataclass
 class Request:
-    """What a command sends: run `module` as `python -m module *args` in `cwd` with `env`."""
+    """A command's request: run `module` as `python -m module *args` in `cwd` with `env`."""
 
     module: str
     args: list[str]
@@ -149,16 +153,16 @@ def run_in_server(module: str, args: list[str]) -> int | None:
         try:
             sent = socket.send_fds(connection, [message], [0, 1, 2])
             connection.sendall(message[sent:])
-            answer = _read_reply(replies)
+            reply = _read_reply(replies)
         except OSError as error:
-            answer = {"refused": f"sending the request failed: {error}"}
-        if answer is None or "refused" in answer:
-            reason = "it closed the connection" if answer is None else answer["refused"]
+            reply = {"rejected": f"sending the request failed: {error}"}
+        if reply is None or "rejected" in reply:
+            reason = "it closed the connection" if reply is None else reply["rejected"]
             logger.warning("stage server %s did not run `python -m %s`: %s; running it in this process",
                            path, module, reason)
             return None
 
-        pid = answer["pid"]
+        pid = reply["pid"]
         for number in FORWARDED_SIGNALS:
             signal.signal(number, lambda received, frame: _forward(pid, received))
         result = _read_reply(replies)
@@ -193,13 +197,13 @@ def exit_like(returncode: int) -> None:
 
 
 def preload(folder: Path) -> int:
-    """Import every stage module of `folder` and the tracking worker, then drop the project's own modules.
+    """Import every stage module of `folder`, LAZY_IMPORTS and the tracking worker, then drop the project's own modules.
 
     Returns how many third-party modules stay imported. A module that fails to import is logged
     and skipped: its stage then imports it in the fork, as a new process would.
     """
     stages = sorted(module.name for module in pkgutil.iter_modules([str(folder / "stages")]) if module.name != "__main__")
-    for name in [*(f"stages.{stage}" for stage in stages), "pgdpo.tracking_worker"]:
+    for name in [*(f"stages.{stage}" for stage in stages), *LAZY_IMPORTS, "pgdpo.tracking_worker"]:
         try:
             importlib.import_module(name)
         except Exception as error:  # noqa: BLE001 - any import error: the fork meets it again and reports it
@@ -242,7 +246,7 @@ class StageServer:
         # Signals wake the select call through this pair (signal.set_wakeup_fd).
         self.wake_read, self.wake_write = socket.socketpair()
 
-    def refusal(self, request: Request) -> str | None:
+    def rejection(self, request: Request) -> str | None:
         """Return why the server cannot run `request` like a new process would, or None."""
         if request.executable != sys.executable:
             return f"its Python is {request.executable}, the server's is {sys.executable}"
@@ -299,11 +303,11 @@ class StageServer:
             connection.close()
             return None
 
-        reason = self.refusal(request)
+        reason = self.rejection(request)
         if reason is not None:
-            logger.info("stage server: refused `python -m %s` from %s: %s", request.module, request.cwd, reason)
+            logger.info("stage server: rejected `python -m %s` from %s: %s", request.module, request.cwd, reason)
             with contextlib.suppress(OSError):
-                connection.sendall(_line({"refused": reason}))
+                connection.sendall(_line({"rejected": reason}))
             _close_all(descriptors)
             connection.close()
             return None
@@ -374,7 +378,7 @@ class StageServer:
         self._client_gone(pid)
 
     def _client_gone(self, pid: int) -> None:
-        """The command died without waiting for its process (it was killed): kill that process too."""
+        """Kill process `pid`, whose command died without waiting for it (the command was killed)."""
         child = self.children[pid]
         logger.warning("stage server: the command of process %d (`%s`) went away; killing the process",
                        pid, child.label)
@@ -491,7 +495,7 @@ def _rebuild_standard_streams() -> None:
 
     sys.stdin = text(0, "r", False, errors)
     sys.stdout = text(1, "w", os.isatty(1), errors)
-    # Python's stderr is line buffered and never fails on an unencodable character.
+    # As in a new interpreter, stderr is line buffered and escapes characters it cannot encode.
     sys.stderr = text(2, "w", True, "backslashreplace")
 
 
@@ -500,7 +504,7 @@ def serve_on(descriptor: int, folder: Path) -> tuple[Request, list[int]] | None:
     listener = socket.socket(fileno=descriptor)
     environment = dict(os.environ)
     started = time.perf_counter()
-    kept = preload(folder)
+    modules = preload(folder)
 
     # Keep the preloaded objects out of every collection, so forks neither scan nor copy them.
     gc.collect()
@@ -513,7 +517,7 @@ def serve_on(descriptor: int, folder: Path) -> tuple[Request, list[int]] | None:
         logger.error("stage server: the imports started threads %s, which a fork would not have; stopping", threads)
         return None
     logger.info("stage server: %d modules imported in %.1f s, serving on %s",
-                kept, time.perf_counter() - started, listener.getsockname())
+                modules, time.perf_counter() - started, listener.getsockname())
     return StageServer(listener, environment).serve()
 
 

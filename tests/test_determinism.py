@@ -33,13 +33,16 @@ def copy_project(source: Path, destination: Path) -> Path:
 
 
 # A second full pipeline run (about 2 minutes here), so `make test-slow` runs it, not `make test`.
+# It runs through the stage server, so it also checks that forked stages give the bytes of the
+# new processes of the first run.
 @pytest.mark.slow
 def test_forced_repro_same_checksums(reproduced_project: Path, tmp_path: Path):
     project = copy_project(reproduced_project, tmp_path / "project")
     first = output_checksums(project)
     assert len(first) >= 12, f"expected every stage's outputs in dvc.lock, found {sorted(first)}"
 
-    run_cli([sys.executable, "-m", "dvc", "repro", "-f"], project)
+    result = run_cli([sys.executable, "-m", "pgdpo.stage_server", sys.executable, "-m", "dvc", "repro", "-f"], project)
+    assert result.stderr.count("runs `python -m stages ") == len(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
     second = output_checksums(project)
 
     changed = sorted(key for key in first if first[key] != second.get(key))

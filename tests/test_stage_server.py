@@ -22,7 +22,8 @@ PROBE = """
 import os, signal, sys, time
 print("args", sys.argv[1:])
 print("cwd", os.getcwd())
-print("preloaded", "mlflow" in sys.modules)
+print("preloaded mlflow", "mlflow" in sys.modules)
+print("preloaded open_clip", "open_clip" in sys.modules)
 print("variable", os.environ.get("PROBE_VARIABLE"))
 print("marker", __import__("stages.marker").marker.VALUE)
 print("to stderr", file=sys.stderr)
@@ -107,8 +108,9 @@ def test_fork_starts_with_preloaded_modules(server):
     forked = run_client(folder, env, "0")
     alone = run_client(folder, {name: value for name, value in env.items() if name != SERVER_ENV}, "0")
 
-    assert "preloaded True" in forked.stdout
-    assert "preloaded False" in alone.stdout
+    assert "preloaded mlflow True" in forked.stdout
+    assert "preloaded open_clip True" in forked.stdout
+    assert "preloaded mlflow False" in alone.stdout
 
 
 def test_fork_imports_project_code_again(server):
@@ -194,5 +196,5 @@ def test_dvc_stages_through_server_same_bytes(reproduced_project: Path, tmp_path
     for stage in stages:
         assert f"runs `python -m stages {stage}`" in result.stderr
     assert result.stderr.count("runs `python -m pgdpo.tracking_worker`") == len(stages)
-    assert "refused" not in result.stderr
+    assert "rejected" not in result.stderr
     assert lock_checksums(project) == before
