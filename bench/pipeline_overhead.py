@@ -180,8 +180,8 @@ def measure(mode: str, runner: str, stage_server: bool, root: Path, breakdown: b
         previous_end = run["end"]
     overhead = total - stage_seconds
     parts = {}
-    # With a stage server the stages import nothing in their own processes, so the breakdown
-    # by fresh-process imports does not apply; the server's own counts replace it.
+    # With a stage server, the stages import nothing in their own processes. So the breakdown by
+    # imports timed in fresh processes does not apply, and the server's own counts replace it.
     if breakdown and not stage_server:
         parts = overhead_breakdown(project, [run["stage"] for run in runs])
         imports = sum(parts["imports_s"].values())
@@ -250,9 +250,11 @@ def main() -> None:
     result = result_header("pipeline_overhead", args)
     entries = []
     for stage_server in servers:
-        keep = None if args.keep is None else args.keep / ("stage-server" if stage_server else "new-processes")
+        keep = None
+        if args.keep is not None:
+            keep = args.keep / ("stage-server" if stage_server else "new-processes")
         entries.append(run_measure(mode, args.runner, stage_server, keep, breakdown=not args.smoke))
-    # The last run's numbers are the result's own fields; with `both`, the first run goes under
+    # The last run's numbers are the result's own fields. With `both`, the first run goes under
     # `without_stage_server`, beside the ratio of the two overheads.
     result.update(entries[-1])
     if len(entries) == 2:

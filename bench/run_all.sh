@@ -26,6 +26,6 @@ OMP_NUM_THREADS=2 run generation_2_threads generation --prompts 8 --reps 3 --com
 run lora_forward lora_forward
 run cpu_efficiency cpu_efficiency --reps 5
 run scaling scaling
-run pipeline_overhead pipeline_overhead
-run pipeline_overhead_small_prefect pipeline_overhead --small --runner prefect
+run pipeline_overhead pipeline_overhead --stage-server both
+run pipeline_overhead_small_prefect pipeline_overhead --small --runner prefect --stage-server both
 run pipeline_overhead_small_dvc pipeline_overhead --small --runner dvc
