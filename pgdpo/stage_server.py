@@ -326,7 +326,7 @@ class StageServer:
         pid = os.fork()
         if pid == 0:
             self._become_child(connection)
-            request.env = self._with_import_changes(request.env)
+            request.env = self.fork_environment(request.env)
             return request, descriptors
 
         _close_all(descriptors)
@@ -340,7 +340,8 @@ class StageServer:
         self.selector.register(connection, selectors.EVENT_READ, pid)
         return None
 
-    def _with_import_changes(self, env: dict[str, str]) -> dict[str, str]:
+    def fork_environment(self, env: dict[str, str]) -> dict[str, str]:
+        """Return a command's environment `env` with the changes the server's imports made to its own."""
         changed = {**env, **{name: value for name, value in self.import_changes.items() if value is not None}}
         return {name: value for name, value in changed.items() if self.import_changes.get(name, "") is not None}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgdpo.stage_server import SERVER_ENV, environment_differences, stage_server
+from pgdpo.stage_server import SERVER_ENV, Request, StageServer, environment_differences, stage_server
 from tests.conftest import project_env, run_cli
 
-# Reports what a new process would see, then exits with the code given as its argument (or
-# kills itself with a signal, or sleeps until it is stopped).
+# Reports what a new process would see, then exits with the code given as its argument, kills
+# itself with SIGKILL, or sleeps until it is stopped.
 PROBE = """
 import os, signal, sys, time
 print("args", sys.argv[1:])
@@ -32,6 +33,8 @@ action = sys.argv[1]
 if action == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
 if action == "sleep":
+    # Exits 3 on SIGTERM, so a test can tell a forwarded signal from a killed process.
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(3))
     with open("pid", "w") as pid_file:
         pid_file.write(str(os.getpid()))
     time.sleep(120)
@@ -115,6 +118,8 @@ def test_fork_starts_with_preloaded_modules(server):
 
 def test_fork_imports_project_code_again(server):
     folder, env = server
+    # The first request waits for the server's imports, which load the marker's first version.
+    first = run_client(folder, env, "0")
     marker = folder / "stages/marker.py"
     marker.write_text("VALUE = 22222\n")
     try:
@@ -122,7 +127,9 @@ def test_fork_imports_project_code_again(server):
     finally:
         marker.write_text("VALUE = 1\n")
 
+    assert "marker 1" in first.stdout
     assert "marker 22222" in result.stdout
+    assert "ran in its own process" not in result.stdout
 
 
 def test_signal_death_reaches_command(server):
@@ -141,7 +148,8 @@ def test_sigterm_forwarded_to_fork(server):
 
     client.send_signal(signal.SIGTERM)
 
-    assert client.wait(timeout=30) == -signal.SIGTERM
+    # The fork's own SIGTERM handler exits 3, and the command exits with the fork's status.
+    assert client.wait(timeout=30) == 3
     assert gone_within(pid, 10)
 
 
@@ -178,6 +186,24 @@ def test_runtime_variables_may_differ():
     request = {"PATH": "/bin", "OMP_NUM_THREADS": "2", "SHLVL": "2", "DVC_STAGE": "train", "PGDPO_PARENT_RUN_ID": "x"}
 
     assert environment_differences(server, request) == ["OMP_NUM_THREADS"]
+
+
+def test_fork_gets_import_changes(monkeypatch):
+    monkeypatch.setenv("SET_BY_IMPORT", "1")
+    monkeypatch.delenv("REMOVED_BY_IMPORT", raising=False)
+    # The environment before the imports: without the first variable, with the second.
+    started = {name: value for name, value in os.environ.items() if name != "SET_BY_IMPORT"}
+    started["REMOVED_BY_IMPORT"] = "x"
+    with socket.socket(socket.AF_UNIX) as listener:
+        server = StageServer(listener, started)
+
+    forked = server.fork_environment({**started, "DVC_STAGE": "train"})
+
+    assert forked["SET_BY_IMPORT"] == "1"
+    assert "REMOVED_BY_IMPORT" not in forked
+    assert forked["DVC_STAGE"] == "train"
+    # A fork's own command (a tracking worker) carries those changes and is still served.
+    assert server.rejection(Request("pgdpo.tracking_worker", [], "/", forked, sys.executable, list(sys.flags))) is None
 
 
 def lock_checksums(project: Path) -> dict[str, str]:
