@@ -35,6 +35,9 @@ def copy_project(source: Path, destination: Path) -> Path:
 # A second full pipeline run (about 2 minutes here), so `make test-slow` runs it, not `make test`.
 # It runs through the stage server, so it also checks that forked stages give the bytes of the
 # new processes of the first run.
+# NOTE: on 2026-12-05 this failed on `evaluate`'s outputs alone in 2 of 3 full forced runs (one
+# plain, one through the server): 3 of 24 trained eval clips differed by up to 6 levels of 255.
+# `dvc repro -f --single-item evaluate` gave the same bytes in 6 of 6 runs. Cause not found.
 @pytest.mark.slow
 def test_forced_repro_same_checksums(reproduced_project: Path, tmp_path: Path):
     project = copy_project(reproduced_project, tmp_path / "project")
