@@ -81,7 +81,8 @@ LAZY_IMPORTS = ("open_clip",)
 RUNTIME_PREFIXES = ("DVC_", "PGDPO_")
 RUNTIME_VARIABLES = ("SHLVL", "PWD", "OLDPWD", "_")
 
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# SIGHUP is missing on Windows, where `python -m stages` must still import this module.
+FORWARDED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 HEADER = struct.Struct("!I")
 MAX_REQUEST_BYTES = 4 << 20
 REQUEST_TIMEOUT_S = 10.0

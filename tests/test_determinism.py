@@ -37,7 +37,9 @@ def copy_project(source: Path, destination: Path) -> Path:
 # new processes of the first run.
 # NOTE: on 2026-12-05 this failed on `evaluate`'s outputs alone in 2 of 3 full forced runs (one
 # plain, one through the server): 3 of 24 trained eval clips differed by up to 6 levels of 255.
-# `dvc repro -f --single-item evaluate` gave the same bytes in 6 of 6 runs. Cause not found.
+# `dvc repro -f --single-item evaluate` gave the same bytes in 6 of 6 runs. In one run of
+# `dvc repro -f --single-item generate label`, 5 of 96 candidate clips (one sampled batch, frames
+# 0, 2 and 4) differed in the same way. Cause not found.
 @pytest.mark.slow
 def test_forced_repro_same_checksums(reproduced_project: Path, tmp_path: Path):
     project = copy_project(reproduced_project, tmp_path / "project")
