@@ -114,7 +114,7 @@ WORKER_DONE = re.compile(r"MLflow tracking worker of stage (\S+) done ([0-9.]+) 
 # The stage server's lines: its imports, each process it forks, each command it rejects.
 SERVER_READY = re.compile(r"stage server: \d+ modules imported in ([0-9.]+) s")
 SERVER_FORK = re.compile(r"stage server: process \d+ runs `python -m ([^\s`]+)")
-SERVER_REFUSAL = "did not run `python -m"
+COMMAND_RUN_ALONE = "did not run `python -m"
 
 
 def server_summary(log_file: Path) -> dict:
@@ -126,7 +126,7 @@ def server_summary(log_file: Path) -> dict:
         "imports_s": ready,
         "forked_stages": sum(module == "stages" for module in forks),
         "forked_tracking_workers": sum(module == "pgdpo.tracking_worker" for module in forks),
-        "commands_run_alone": text.count(SERVER_REFUSAL) + text.count("is unreachable"),
+        "commands_run_alone": text.count(COMMAND_RUN_ALONE) + text.count("is unreachable"),
     }
 
 
@@ -216,7 +216,7 @@ def measure(mode: str, runner: str, stage_server: bool, root: Path, breakdown: b
 
 
 def run_measure(mode: str, runner: str, stage_server: bool, keep: Path | None, breakdown: bool) -> dict:
-    """`measure` in `keep` (kept afterwards) or in a temporary folder."""
+    """Run `measure` in `keep` (kept afterwards) or in a temporary folder."""
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=False)
         return measure(mode, runner, stage_server, keep, breakdown)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import subprocess
 
 
 def freeze_before_exit() -> None:
@@ -20,3 +21,13 @@ def freeze_before_exit() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def stop_process(process: subprocess.Popen, grace_s: float) -> None:
+    """Send SIGTERM to `process` and wait for it, then SIGKILL it if it is still running after `grace_s` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

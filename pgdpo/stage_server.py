@@ -63,6 +63,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pgdpo.process import stop_process
+
 # Named, not __name__: the server runs as __main__.
 logger = logging.getLogger("pgdpo.stage_server")
 
@@ -547,12 +549,7 @@ def stage_server(folder: str | Path = ".", env: dict[str, str] | None = None) ->
     try:
         yield {SERVER_ENV: path}
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, grace_s=30)
         shutil.rmtree(socket_folder, ignore_errors=True)
 
 

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pgdpo.process import stop_process
 from pgdpo.tracking import STAGE_MD5_TAG, STAGE_TAG, lock_fingerprint
 from pgdpo.video import read_video
 from tests.conftest import make_project, project_env
@@ -61,11 +62,7 @@ def mlflow_server(tmp_path_factory):
             time.sleep(1)
         yield uri
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server, grace_s=20)
         log.close()
 
 
